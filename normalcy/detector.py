@@ -1,0 +1,428 @@
+"""`Detector`: fit on normal images, predict scores, decisions, maps and masks; save and load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
+
+from normalcy import __version__
+from normalcy.backbones import Backbone, create_backbone
+from normalcy.data import (
+    ImageInput,
+    ImageLoadError,
+    LoadedImage,
+    expand_inputs,
+    load_many,
+)
+from normalcy.methods import create_method, method_from_state
+from normalcy.postprocess import SIGMA_AT_256, anomaly_map, image_score, threshold_at_fpr
+
+log = logging.getLogger("normalcy")
+
+MODEL_FORMAT = "normalcy-model"
+MODEL_FORMAT_VERSION = 1
+# Below this many normal images, hold out by leave-one-out rather than a fixed split.
+MIN_IMAGES_FOR_HOLDOUT = 10
+HOLDOUT_EVERY = 10  # every 10th normal image (by sorted name) is held out for the threshold
+
+
+@dataclass
+class Prediction:
+    """The result for one image. `is_anomalous` and `mask` are None when no threshold is set."""
+
+    name: str
+    score: float
+    is_anomalous: bool | None
+    threshold: float | None
+    anomaly_map: np.ndarray
+    mask: np.ndarray | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "score": self.score,
+            "is_anomalous": self.is_anomalous,
+            "threshold": self.threshold,
+        }
+
+
+def augmentations(image: np.ndarray) -> list[np.ndarray]:
+    """The image, its 90/180/270-degree rotations and their mirror images (8 views).
+
+    Few-shot references gain the pose variety a handful of images lacks (AnomalyDINO).
+    """
+    rotations = [np.rot90(image, k) for k in range(4)]
+    return [np.ascontiguousarray(v) for r in rotations for v in (r, r[:, ::-1])]
+
+
+class Detector:
+    """Anomaly detector over frozen backbone features.
+
+    backbone, image_size, layers: the feature extractor (short side resized to image_size).
+    method: the scoring method ("patchknn").
+    shots: few-shot mode; None uses every normal image given to `fit`.
+    augment: in few-shot mode, add rotated and mirrored views of the references.
+    fpr: target false-positive rate on held-out normal images for the decision threshold.
+    threshold: a fixed image-score threshold instead (overrides fpr).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "dinov2_vits14",
+        method: str = "patchknn",
+        image_size: int = 224,
+        layers: Sequence[int] | None = None,
+        shots: int | None = None,
+        augment: bool = True,
+        coreset_ratio: float = 0.1,
+        max_bank_size: int = 10_000,
+        fpr: float = 0.01,
+        threshold: float | None = None,
+        sigma: float = SIGMA_AT_256,
+        batch_size: int = 8,
+        weights: str | os.PathLike | None = None,
+        progress: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if shots is not None and shots < 1:
+            raise ValueError(f"shots must be at least 1, got {shots}")
+        if not 0 <= fpr < 1:
+            raise ValueError(f"fpr must be in [0, 1), got {fpr}")
+        self.backbone = backbone
+        self.method = method
+        self.image_size = image_size
+        self.layers = tuple(layers) if layers else None
+        self.shots = shots
+        self.augment = augment
+        self.coreset_ratio = coreset_ratio
+        self.max_bank_size = max_bank_size
+        self.fpr = fpr
+        self.threshold = threshold
+        self.sigma = sigma
+        self.batch_size = batch_size
+        self.weights = weights
+        self.progress = progress
+        self.seed = seed
+
+    # ----------------------------------------------------------------- features
+    def _backbone(self) -> Backbone:
+        if getattr(self, "backbone_", None) is None:
+            self.backbone_ = create_backbone(
+                self.backbone, self.image_size, self.layers, weights=self.weights
+            )
+        return self.backbone_
+
+    def _grids(self, images: Iterable[LoadedImage]) -> Iterator[tuple[LoadedImage, np.ndarray]]:
+        """Feature grids, computed a batch at a time so memory stays bounded."""
+        backbone = self._backbone()
+        batch: list[LoadedImage] = []
+        for item in images:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield from zip(batch, backbone.features([b.image for b in batch]), strict=True)
+                batch = []
+        if batch:
+            yield from zip(batch, backbone.features([b.image for b in batch]), strict=True)
+
+    def _loaded(self, sources: Sequence[ImageInput], what: str) -> Iterator[LoadedImage]:
+        """Decoded images; a broken file is logged by name and skipped, never fatal."""
+        bar = tqdm(total=len(sources), desc=what, unit="img", disable=not self.progress)
+        self.skipped_: list[str] = getattr(self, "skipped_", [])
+        for item in load_many(sources):
+            bar.update()
+            if isinstance(item, ImageLoadError):
+                log.warning("skipped %s", item)
+                self.skipped_.append(str(item))
+            else:
+                yield item
+        bar.close()
+
+    # ----------------------------------------------------------------------- fit
+    def _new_method(self, few_shot: bool):
+        ratio = 1.0 if few_shot else self.coreset_ratio
+        return create_method(
+            self.method, coreset_ratio=ratio, max_bank_size=self.max_bank_size, seed=self.seed
+        )
+
+    def _views(self, image: np.ndarray, few_shot: bool) -> list[np.ndarray]:
+        return augmentations(image) if few_shot and self.augment else [image]
+
+    def _bank_grids(self, images: Iterable[LoadedImage], few_shot: bool) -> Iterator[np.ndarray]:
+        views = (
+            LoadedImage(item.name, view)
+            for item in images
+            for view in self._views(item.image, few_shot)
+        )
+        for _, grid in self._grids(views):
+            yield grid
+
+    def fit(self, normal: ImageInput | Sequence[ImageInput]) -> Detector:
+        """Learn normality from normal images (a folder, paths, arrays or PIL images).
+
+        A part of the normal images (every 10th; leave-one-out below 10 images) is scored
+        but kept out of the bank, to set the threshold at the target false-positive rate.
+        """
+        sources = expand_inputs(normal)
+        if self.shots is not None:
+            if len(sources) < self.shots:
+                raise ValueError(
+                    f"--shots {self.shots} needs {self.shots} images, got {len(sources)}"
+                )
+            sources = sources[: self.shots]
+        if not sources:
+            raise ValueError("no normal images given")
+        few_shot = self.shots is not None
+        self.skipped_ = []
+        self.method_ = self._new_method(few_shot)
+        if len(sources) >= MIN_IMAGES_FOR_HOLDOUT:
+            held = [s for i, s in enumerate(sources) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+            bank = [s for i, s in enumerate(sources) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+            self.method_.fit(self._bank_grids(self._loaded(bank, "fit"), few_shot))
+            normal_maps = [
+                p.anomaly_map for p in self._predict_loaded(self._loaded(held, "hold-out"))
+            ]
+        else:
+            references = list(self._loaded(sources, "fit"))
+            if not references:
+                raise ValueError(
+                    "none of the normal images could be read: " + "; ".join(self.skipped_)
+                )
+            normal_maps = self._leave_one_out_maps(references, few_shot)
+            self.method_.fit(self._bank_grids(references, few_shot))
+        if not hasattr(self.method_, "memory_bank_"):
+            raise ValueError("none of the normal images could be read: " + "; ".join(self.skipped_))
+        self.n_train_ = len(sources) - len(self.skipped_)
+        self._set_thresholds(normal_maps)
+        return self
+
+    def _leave_one_out_maps(
+        self, references: list[LoadedImage], few_shot: bool
+    ) -> list[np.ndarray]:
+        """Maps of each reference scored against a bank of the others."""
+        if len(references) < 2:
+            return []
+        grids = [list(self._bank_grids([r], few_shot)) for r in references]
+        originals = [views[0] for views in grids]
+        maps = []
+        for i, reference in enumerate(references):
+            method = self._new_method(few_shot)
+            method.fit(g for j, views in enumerate(grids) if j != i for g in views)
+            scores = method.score(originals[i])
+            maps.append(anomaly_map(scores, reference.image.shape[:2], self.sigma))
+        return maps
+
+    def _set_thresholds(self, normal_maps: list[np.ndarray]) -> None:
+        scores = np.array([image_score(m) for m in normal_maps])
+        self.normal_scores_ = scores
+        if self.threshold is not None:
+            self.threshold_ = float(self.threshold)
+            self.threshold_source_ = "user"
+        elif len(scores):
+            self.threshold_ = threshold_at_fpr(scores, self.fpr)
+            self.threshold_source_ = f"fpr {self.fpr} on {len(scores)} held-out normal images"
+        else:
+            self.threshold_ = None
+            self.threshold_source_ = "none"
+            log.warning(
+                "one normal image leaves none to hold out: no decision threshold is set; "
+                "pass threshold= (CLI --threshold) or give more normal images"
+            )
+        # Masks: the pixel level that the same share of held-out normal images never reach.
+        peaks = np.array([m.max() for m in normal_maps])
+        self.pixel_threshold_ = threshold_at_fpr(peaks, self.fpr) if len(peaks) else None
+
+    # ------------------------------------------------------------------- predict
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "method_"):
+            raise RuntimeError("this Detector is not fitted: call fit() or Detector.load()")
+
+    def _predict_loaded(self, images: Iterable[LoadedImage]) -> Iterator[Prediction]:
+        threshold = getattr(self, "threshold_", None)
+        pixel_threshold = getattr(self, "pixel_threshold_", None)
+        for item, grid in self._grids(images):
+            full = anomaly_map(self.method_.score(grid), item.image.shape[:2], self.sigma)
+            score = image_score(full)
+            yield Prediction(
+                name=item.name,
+                score=score,
+                is_anomalous=None if threshold is None else bool(score > threshold),
+                threshold=threshold,
+                anomaly_map=full,
+                mask=None if pixel_threshold is None else full > pixel_threshold,
+            )
+
+    def predict_images(self, images: Iterable[LoadedImage]) -> Iterator[Prediction]:
+        """Predictions for already decoded images, in order."""
+        self._check_fitted()
+        return self._predict_loaded(images)
+
+    def predict_iter(
+        self, inputs: ImageInput | Sequence[ImageInput]
+    ) -> Iterator[Prediction | ImageLoadError]:
+        """A prediction per input, in order; unreadable inputs yield their error instead."""
+        self._check_fitted()
+        sources = expand_inputs(inputs)
+        pending: list[LoadedImage] = []
+        bar = tqdm(total=len(sources), desc="predict", unit="img", disable=not self.progress)
+        for item in load_many(sources):
+            if isinstance(item, ImageLoadError):
+                yield from self._predict_loaded(pending)
+                pending = []
+                bar.update()
+                yield item
+                continue
+            pending.append(item)
+            if len(pending) == self.batch_size:
+                yield from self._predict_loaded(pending)
+                bar.update(len(pending))
+                pending = []
+        yield from self._predict_loaded(pending)
+        bar.update(len(pending))
+        bar.close()
+
+    def predict(self, x: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction]:
+        """Prediction for one image, or a list for several (a folder, a list, a 4-D array).
+
+        Raises ImageLoadError naming the input when an image cannot be read; use
+        `predict_iter` to skip bad images instead.
+        """
+        single = (
+            not isinstance(x, (list, tuple))
+            and not (isinstance(x, np.ndarray) and x.ndim == 4)
+            and not (isinstance(x, (str, os.PathLike)) and Path(x).is_dir())
+        )
+        results = []
+        for result in self.predict_iter(x):
+            if isinstance(result, ImageLoadError):
+                raise result
+            results.append(result)
+        return results[0] if single else results
+
+    def score(self, x: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Image anomaly scores (higher is more anomalous)."""
+        results = self.predict(x)
+        results = results if isinstance(results, list) else [results]
+        return np.array([r.score for r in results])
+
+    # -------------------------------------------------------------- save / load
+    def _config(self) -> dict[str, Any]:
+        return {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "normalcy_version": __version__,
+            "backbone": {
+                "name": self.backbone,
+                "image_size": self.image_size,
+                "layers": list(self.backbone_.layers),
+                "pool": self.backbone_.pool,
+                "weights_fingerprint": weights_fingerprint(self.backbone_),
+            },
+            "method": {"name": self.method, "params": self.method_.get_params()},
+            "shots": self.shots,
+            "augment": self.augment,
+            "fpr": self.fpr,
+            "sigma": self.sigma,
+            "threshold": self.threshold_,
+            "threshold_source": self.threshold_source_,
+            "pixel_threshold": self.pixel_threshold_,
+            "n_train": self.n_train_,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model directory atomically: config.json + method.safetensors."""
+        self._check_fitted()
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        try:
+            arrays = dict(self.method_.arrays())
+            arrays["normal_scores"] = np.asarray(self.normal_scores_, dtype=np.float64)
+            save_file(arrays, str(staging / "method.safetensors"))
+            (staging / "config.json").write_text(json.dumps(self._config(), indent=2) + "\n")
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(staging, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, weights: str | os.PathLike | None = None) -> Detector:
+        """A saved detector; refuses models from an incompatible format with a clear message."""
+        folder = Path(path)
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{folder} is not a normalcy model: no config.json in it")
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+        if config.get("format") != MODEL_FORMAT:
+            raise ValueError(f"{config_file}: not a normalcy model config")
+        version = config.get("format_version")
+        if version != MODEL_FORMAT_VERSION:
+            raise ValueError(
+                f"{folder} was saved by normalcy {config.get('normalcy_version')} in model format "
+                f"{version}; this normalcy {__version__} reads format {MODEL_FORMAT_VERSION}. "
+                "Use a matching normalcy version or fit the model again."
+            )
+        backbone = config["backbone"]
+        method = config["method"]
+        detector = cls(
+            backbone=backbone["name"],
+            method=method["name"],
+            image_size=backbone["image_size"],
+            layers=backbone["layers"],
+            shots=config["shots"],
+            augment=config["augment"],
+            fpr=config["fpr"],
+            sigma=config["sigma"],
+            weights=weights,
+        )
+        arrays = load_file(str(folder / "method.safetensors"))
+        detector.method_ = method_from_state(method["name"], method["params"], arrays)
+        detector.normal_scores_ = arrays.get("normal_scores", np.zeros(0))
+        detector.threshold_ = config["threshold"]
+        detector.threshold_source_ = config["threshold_source"]
+        detector.pixel_threshold_ = config["pixel_threshold"]
+        detector.n_train_ = config["n_train"]
+        detector.backbone_ = create_backbone(
+            backbone["name"],
+            backbone["image_size"],
+            tuple(backbone["layers"]),
+            pool=backbone["pool"],
+            weights=weights,
+        )
+        if weights_fingerprint(detector.backbone_) != backbone["weights_fingerprint"]:
+            raise ValueError(
+                f"{folder} was fitted with other {backbone['name']} weights than the ones found "
+                "now; its memory bank would not match these features. Pass the original weights."
+            )
+        return detector
+
+    def set_threshold(self, threshold: float) -> None:
+        """Fix the image-score threshold (for example from a user's choice)."""
+        self.threshold_ = float(threshold)
+        self.threshold_source_ = "user"
+
+
+def weights_fingerprint(backbone: Backbone) -> str:
+    """A short hash of the backbone's first parameter tensor: tells weight sets apart."""
+    first = next(iter(backbone.network.state_dict().values()))
+    return hashlib.sha256(first.detach().cpu().numpy().tobytes()).hexdigest()[:16]

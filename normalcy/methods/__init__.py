@@ -1,0 +1,22 @@
+"""Scoring methods over patch features; each has the same fit / score / save protocol."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from normalcy.methods.patchknn import PatchKNN
+
+METHODS: dict[str, type] = {PatchKNN.name: PatchKNN}
+
+
+def create_method(name: str, **params: Any):
+    """A method by name, with its constructor parameters."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name](**params)
+
+
+def method_from_state(name: str, params: dict[str, Any], arrays: dict) -> Any:
+    if name not in METHODS:
+        raise ValueError(f"model uses method {name!r}, which this normalcy does not know")
+    return METHODS[name].from_state(params, arrays)

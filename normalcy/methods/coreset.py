@@ -1,0 +1,82 @@
+"""Greedy k-center coreset: a small subset of patch features that covers all of them.
+
+Selecting the point farthest from those already chosen keeps rare normal patterns that random
+subsampling would drop. Distances are computed on a random projection (Johnson-Lindenstrauss)
+for speed; the selection is then applied to the full features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def random_projection(dim: int, projection_dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((dim, projection_dim)) / projection_dim**0.5).astype(np.float32)
+
+
+def greedy_coreset(
+    features: np.ndarray, n_select: int, projection_dim: int = 128, seed: int = 0
+) -> np.ndarray:
+    """Indices of `n_select` rows of `features` (N, D) chosen by greedy k-center selection."""
+    n = len(features)
+    if n_select >= n:
+        return np.arange(n)
+    if n_select < 1:
+        raise ValueError(f"n_select must be at least 1, got {n_select}")
+    points = np.ascontiguousarray(features, dtype=np.float32)
+    if projection_dim and projection_dim < points.shape[1]:
+        points = points @ random_projection(points.shape[1], projection_dim, seed)
+    squared_norms = np.einsum("ij,ij->i", points, points)
+    selected = np.empty(n_select, dtype=np.int64)
+    selected[0] = np.random.default_rng(seed).integers(n)
+    nearest = np.full(n, np.inf, dtype=np.float32)
+    for i in range(n_select):
+        if i:
+            selected[i] = nearest.argmax()
+        index = selected[i]
+        # Squared distances to the newest centre, updated in place to avoid temporaries.
+        distance = points @ points[index]
+        distance *= -2
+        distance += squared_norms
+        distance += squared_norms[index]
+        np.minimum(nearest, distance, out=nearest)
+    return selected
+
+
+class StreamingCoreset:
+    """Bounded-memory coreset over a stream of feature chunks.
+
+    Each chunk is reduced on arrival to `ratio` of its rows (a composable coreset), so only
+    the reduced rows are kept; `finish` runs one more greedy pass down to `max_size` rows.
+    """
+
+    def __init__(self, ratio: float, max_size: int, projection_dim: int = 128, seed: int = 0):
+        if not 0 < ratio <= 1:
+            raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+        if max_size < 1:
+            raise ValueError(f"max bank size must be at least 1, got {max_size}")
+        self.ratio = ratio
+        self.max_size = max_size
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self._kept: list[np.ndarray] = []
+        self.n_seen = 0
+
+    def add(self, chunk: np.ndarray) -> None:
+        """Reduce one (N, D) chunk and keep the result."""
+        n_keep = max(1, round(len(chunk) * self.ratio))
+        indices = greedy_coreset(chunk, n_keep, self.projection_dim, self.seed + len(self._kept))
+        self._kept.append(np.ascontiguousarray(chunk[np.sort(indices)], dtype=np.float32))
+        self.n_seen += len(chunk)
+
+    def finish(self) -> np.ndarray:
+        """The final (M, D) coreset, M <= max_size."""
+        if not self._kept:
+            raise ValueError("no features were added to the coreset")
+        kept = np.concatenate(self._kept)
+        self._kept = []
+        if len(kept) <= self.max_size:
+            return kept
+        indices = greedy_coreset(kept, self.max_size, self.projection_dim, self.seed)
+        return kept[np.sort(indices)]

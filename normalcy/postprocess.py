@@ -1,0 +1,43 @@
+"""From patch scores to what the user sees: maps at image size, image scores, thresholds."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+# Smoothing is specified at a 256-pixel scale and grows with the image (MVTec practice).
+SIGMA_AT_256 = 4.0
+TOP_FRACTION = 0.01
+
+
+def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int], sigma: float) -> np.ndarray:
+    """Patch scores (h, w) upsampled bilinearly to `size` (H, W) and Gaussian-smoothed.
+
+    `sigma` is in pixels at a 256-pixel short side; it is scaled to the image.
+    """
+    grid = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[None, None]
+    full = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    if sigma > 0:
+        full = gaussian_filter(full, sigma=sigma * min(size) / 256, mode="nearest", truncate=3.0)
+    return full
+
+
+def image_score(anomaly_map: np.ndarray, top_fraction: float = TOP_FRACTION) -> float:
+    """Mean of the highest `top_fraction` of the map: robust to a single hot pixel, yet
+    sensitive to small defects that a whole-image mean would dilute."""
+    values = anomaly_map.ravel()
+    k = max(1, int(round(values.size * top_fraction)))
+    return float(np.partition(values, values.size - k)[-k:].mean())
+
+
+def threshold_at_fpr(normal_scores: np.ndarray, fpr: float) -> float:
+    """The smallest threshold that at most `fpr` of the normal scores exceed."""
+    if not 0 <= fpr < 1:
+        raise ValueError(f"target false-positive rate must be in [0, 1), got {fpr}")
+    scores = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    if scores.size == 0:
+        raise ValueError("no normal scores to set a threshold from")
+    allowed = int(np.floor(fpr * scores.size))
+    return float(scores[scores.size - 1 - allowed])

@@ -1,0 +1,162 @@
+"""Turn anomaly maps into pictures: colour heatmaps, overlays, thumbnails and PNG files.
+
+Everything works on plain numpy arrays (uint8 RGB images, float maps) so the report, the CLI
+and notebooks can share one rendering path.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+# Anchor colours of a dark-to-bright, perceptually ordered ramp (black, purple, red, orange,
+# pale yellow), in the spirit of "inferno"; the 256-entry LUT interpolates between them.
+_ANCHORS = np.array(
+    [
+        [0, 0, 4],
+        [40, 11, 84],
+        [101, 21, 110],
+        [159, 42, 99],
+        [212, 72, 66],
+        [245, 125, 21],
+        [250, 193, 39],
+        [252, 255, 164],
+    ],
+    dtype=np.float64,
+)
+_POSITIONS = np.linspace(0.0, 1.0, len(_ANCHORS))
+_LUT = (
+    np.stack(
+        [np.interp(np.linspace(0.0, 1.0, 256), _POSITIONS, _ANCHORS[:, c]) for c in range(3)],
+        axis=1,
+    )
+    .round()
+    .astype(np.uint8)
+)
+
+# Cyan does not occur in the ramp above, so mask outlines stay visible on any heat value.
+OUTLINE_COLOUR = np.array([0, 255, 255], dtype=np.uint8)
+_OUTLINE_WIDTH = 2
+_Z_HUFFMAN_ONLY = 2  # zlib compression strategy
+
+
+def heatmap(anomaly_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Colour a float (H, W) map as uint8 (H, W, 3); values are clipped to [vmin, vmax].
+
+    NaNs are drawn like vmin. When vmax <= vmin every pixel gets the darkest colour.
+    """
+    values = np.asarray(anomaly_map, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {values.shape}")
+    span = vmax - vmin
+    if span > 0:
+        scaled = (np.nan_to_num(values, nan=vmin) - vmin) / span
+        index = np.rint(np.clip(scaled, 0.0, 1.0) * 255).astype(np.intp)
+    else:
+        index = np.zeros(values.shape, dtype=np.intp)
+    return _LUT[index]
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a bool mask within _OUTLINE_WIDTH of its border (the image edge counts too)."""
+    inner = ndimage.binary_erosion(mask, iterations=_OUTLINE_WIDTH, border_value=0)
+    return mask & ~inner
+
+
+def overlay(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    vmin: float,
+    vmax: float,
+    alpha: float = 0.5,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Blend the heatmap of `anomaly_map` over a uint8 RGB image; outline `mask` in cyan.
+
+    `alpha` is the weight of the heatmap (0 keeps the image, 1 shows only the heatmap).
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be RGB (H, W, 3), got shape {image.shape}")
+    if anomaly_map.shape != image.shape[:2]:
+        raise ValueError(
+            f"anomaly_map shape {anomaly_map.shape} does not match image {image.shape[:2]}"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    heat = heatmap(anomaly_map, vmin, vmax).astype(np.float32)
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
+    out = np.rint(blended).astype(np.uint8)
+    if mask is not None:
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask shape {mask.shape} does not match image {image.shape[:2]}")
+        out[_outline(mask.astype(bool))] = OUTLINE_COLOUR
+    return out
+
+
+def encode_png(array: np.ndarray, *, fast: bool = False) -> bytes:
+    """PNG bytes of a uint8 array: (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA.
+
+    `fast` uses Huffman-only coding: about twice as fast, and for noisy camera images just as
+    small, but larger for flat synthetic content.
+    """
+    if array.dtype != np.uint8:
+        raise ValueError(f"PNG encoding needs uint8 data, got {array.dtype}")
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(f"expected (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
+    buffer = io.BytesIO()
+    options = {"compress_type": _Z_HUFFMAN_ONLY} if fast else {}
+    Image.fromarray(array).save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write bytes so readers see either the old file or the complete new one, never a part.
+
+    The temp file lives in the target folder so os.replace stays a same-filesystem rename.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp_name, 0o644)  # mkstemp creates owner-only files; make it a normal one
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_png(path: str | os.PathLike[str], array: np.ndarray, *, fast: bool = False) -> None:
+    """Save a uint8 array as a PNG file, atomically; `fast` as for encode_png."""
+    write_atomic(path, encode_png(array, fast=fast))
+
+
+def thumbnail(array: np.ndarray, max_side: int) -> np.ndarray:
+    """Downscale so the longer side is at most `max_side`, keeping the aspect ratio.
+
+    Works for uint8 images (grey, RGB, RGBA) and float (H, W) maps; arrays that already fit
+    are returned as they are. Bilinear resampling in Pillow averages over the source area
+    when shrinking, so thin structures fade rather than alias.
+    """
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    height, width = array.shape[:2]
+    if max(height, width) <= max_side:
+        return array
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if array.dtype == np.uint8:
+        source = Image.fromarray(array)
+    elif array.ndim == 2 and np.issubdtype(array.dtype, np.floating):
+        source = Image.fromarray(array.astype(np.float32))
+    else:
+        raise ValueError(f"expected uint8 image or float (H, W) map, got {array.dtype}")
+    resized = np.asarray(source.resize(size, Image.Resampling.BILINEAR))
+    return resized.astype(array.dtype, copy=False)
