@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -189,23 +190,26 @@ class Detector:
         if len(sources) >= MIN_IMAGES_FOR_HOLDOUT:
             held = [s for i, s in enumerate(sources) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
             bank = [s for i, s in enumerate(sources) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
-            self.method_.fit(self._bank_grids(self._loaded(bank, "fit"), few_shot))
+            bank_images = self._loaded(bank, "fit")
+            first = next(bank_images, None)
+            if first is None:
+                raise self._unreadable_error()
+            self.method_.fit(self._bank_grids(itertools.chain([first], bank_images), few_shot))
             normal_maps = [
                 p.anomaly_map for p in self._predict_loaded(self._loaded(held, "hold-out"))
             ]
         else:
             references = list(self._loaded(sources, "fit"))
             if not references:
-                raise ValueError(
-                    "none of the normal images could be read: " + "; ".join(self.skipped_)
-                )
+                raise self._unreadable_error()
             normal_maps = self._leave_one_out_maps(references, few_shot)
             self.method_.fit(self._bank_grids(references, few_shot))
-        if not hasattr(self.method_, "memory_bank_"):
-            raise ValueError("none of the normal images could be read: " + "; ".join(self.skipped_))
         self.n_train_ = len(sources) - len(self.skipped_)
         self._set_thresholds(normal_maps)
         return self
+
+    def _unreadable_error(self) -> ValueError:
+        return ValueError("none of the normal images could be read: " + "; ".join(self.skipped_))
 
     def _leave_one_out_maps(
         self, references: list[LoadedImage], few_shot: bool
@@ -236,8 +240,9 @@ class Detector:
             self.threshold_ = None
             self.threshold_source_ = "none"
             log.warning(
-                "one normal image leaves none to hold out: no decision threshold is set; "
-                "pass threshold= (CLI --threshold) or give more normal images"
+                "no held-out normal image could be scored (one image leaves none to hold out): "
+                "no decision threshold is set; pass threshold= (CLI --threshold) or give more "
+                "normal images"
             )
         # Masks: the pixel level that the same share of held-out normal images never reach.
         peaks = np.array([m.max() for m in normal_maps])
@@ -344,8 +349,16 @@ class Detector:
         """Write the model directory atomically: config.json + method.safetensors."""
         self._check_fitted()
         target = Path(path)
+        if target.exists() and not _replaceable(target):
+            raise FileExistsError(
+                f"{target} exists and is not a normalcy model; refusing to replace it. "
+                "Choose an empty or new folder."
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; a model is shared data
         try:
             arrays = dict(self.method_.arrays())
             arrays["normal_scores"] = np.asarray(self.normal_scores_, dtype=np.float64)
@@ -384,9 +397,13 @@ class Detector:
             )
         backbone = config["backbone"]
         method = config["method"]
+        params = method["params"]
         detector = cls(
             backbone=backbone["name"],
             method=method["name"],
+            coreset_ratio=params.get("coreset_ratio", 0.1),
+            max_bank_size=params.get("max_bank_size", 10_000),
+            seed=params.get("seed", 0),
             image_size=backbone["image_size"],
             layers=backbone["layers"],
             shots=config["shots"],
@@ -422,7 +439,22 @@ class Detector:
         self.threshold_source_ = "user"
 
 
+def _replaceable(folder: Path) -> bool:
+    """An empty folder or a saved model may be overwritten; anything else is user data."""
+    if not folder.is_dir():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    try:
+        return json.loads((folder / "config.json").read_text()).get("format") == MODEL_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def weights_fingerprint(backbone: Backbone) -> str:
-    """A short hash of the backbone's first parameter tensor: tells weight sets apart."""
-    first = next(iter(backbone.network.state_dict().values()))
-    return hashlib.sha256(first.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+    """A short hash of every tensor the backbone uses: tells weight sets apart."""
+    digest = hashlib.sha256()
+    for name, tensor in backbone.network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from normalcy.metrics import image_auroc, roc_curve
-from normalcy.visualize import encode_png, heatmap, overlay, thumbnail, write_atomic
+from normalcy.visualize import encode_jpeg, heatmap, overlay, thumbnail, write_atomic
 
 THUMBNAIL_SIDE = 256
 _HIST_BINS = 30
@@ -208,7 +208,7 @@ def _select(images: Sequence[ReportImage], threshold: float, max_images: int) ->
 
 
 def _data_uri(array: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(encode_png(array)).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(array)).decode("ascii")
 
 
 def _img(array: np.ndarray, alt: str) -> str:

@@ -31,8 +31,8 @@ def _item(name: str, score: float, label: int | None = None, **kw: Any) -> Repor
     )
 
 
-def _pngs(document: str) -> list[np.ndarray]:
-    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', document)
+def _embedded_images(document: str) -> list[np.ndarray]:
+    uris = re.findall(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', document)
     return [np.asarray(Image.open(io.BytesIO(base64.b64decode(uri)))) for uri in uris]
 
 
@@ -48,7 +48,9 @@ def test_report_is_self_contained_html_with_embedded_images(tmp_path: Path) -> N
     assert document.startswith("<!DOCTYPE html>")
     assert "<script" not in document and "<link" not in document
     assert not re.search(r'(src|href)="(?!data:)', document)  # nothing fetched from outside
-    assert len(_pngs(document)) == 2 * len(images) + 1  # two per card plus the colour scale
+    assert (
+        len(_embedded_images(document)) == 2 * len(images) + 1
+    )  # two per card plus the colour scale
     assert "ANOMALOUS" in document and ">normal<" in document
 
 
@@ -112,12 +114,13 @@ def test_overlay_colours_are_comparable_across_cards(tmp_path: Path) -> None:
     cold = _item("cold", 0.1, anomaly_map=np.zeros((24, 32)))
     hot = _item("hot", 0.9, anomaly_map=np.ones((24, 32)))
     document = write_report(tmp_path / "r.html", "t", [cold, hot], 0.5).read_text()
-    _, hot_image, hot_overlay, cold_image, cold_overlay = _pngs(document)
+    _, hot_image, hot_overlay, cold_image, cold_overlay = _embedded_images(document)
     brightest, darkest = heatmap(np.array([[1.0, 0.0]]), 0.0, 1.0)[0].astype(float)
     expected_hot = (hot_image.astype(float) + brightest) / 2
     expected_cold = (cold_image.astype(float) + darkest) / 2
-    assert np.abs(hot_overlay - expected_hot).max() <= 1
-    assert np.abs(cold_overlay - expected_cold).max() <= 1
+    # Thumbnails are JPEG: compare mean colours, which lossy coding keeps.
+    assert np.abs(hot_overlay.mean((0, 1)) - expected_hot.mean((0, 1))).max() <= 4
+    assert np.abs(cold_overlay.mean((0, 1)) - expected_cold.mean((0, 1))).max() <= 4
 
 
 def test_predicted_mask_is_outlined_on_the_overlay(tmp_path: Path) -> None:
@@ -125,14 +128,17 @@ def test_predicted_mask_is_outlined_on_the_overlay(tmp_path: Path) -> None:
     mask[6:18, 8:24] = True
     item = _item("masked", 0.9, anomaly_map=np.zeros((24, 32)), mask=mask)
     document = write_report(tmp_path / "r.html", "t", [item], 0.5).read_text()
-    outline = np.all(_pngs(document)[2] == OUTLINE_COLOUR, axis=2)
-    assert outline[6, 8:24].all() and not outline[12, 16] and not outline[~mask].any()
+    overlay_pixels = _embedded_images(document)[2].astype(int)
+    # JPEG blurs edges a little: "outline" means close to the outline colour.
+    outline = np.abs(overlay_pixels - OUTLINE_COLOUR.astype(int)).max(axis=2) < 80
+    assert outline[6, 10:22].mean() > 0.8 and not outline[12, 16]
+    assert outline[~mask].mean() < 0.05
 
 
 def test_large_images_are_shown_as_thumbnails(tmp_path: Path) -> None:
     item = ReportImage("big", np.zeros((300, 600, 3), np.uint8), np.zeros((300, 600)), 0.1, False)
     document = write_report(tmp_path / "r.html", "t", [item], 0.5).read_text()
-    assert [p.shape for p in _pngs(document)[1:]] == [(128, 256, 3), (128, 256, 3)]
+    assert [p.shape for p in _embedded_images(document)[1:]] == [(128, 256, 3), (128, 256, 3)]
 
 
 def test_report_is_replaced_atomically_without_temp_files(tmp_path: Path) -> None:

@@ -122,6 +122,10 @@ class EfficientNetStages(nn.Module):
         from efficientnet_lite_pytorch import EfficientNet
 
         net = EfficientNet.from_name(model_name)
+        if not blocks or min(blocks) < 0 or max(blocks) >= len(net._blocks):
+            raise ValueError(
+                f"layers must be block indices in 0..{len(net._blocks) - 1}, got {blocks}"
+            )
         self.blocks_out = tuple(sorted(blocks))
         self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
         self.blocks = nn.ModuleList(net._blocks[: self.blocks_out[-1] + 1])

@@ -34,6 +34,8 @@ class OnnxGraph:
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
+        if pos >= len(buf):
+            raise ValueError("truncated ONNX data: a varint runs past the end")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -50,16 +52,20 @@ def _fields(buf: memoryview):
         number, wire = key >> 3, key & 7
         if wire == 0:
             value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos : pos + 8], pos + 8
+            yield number, wire, value
+            continue
+        if wire == 1:
+            length = 8
         elif wire == 2:
             length, pos = _varint(buf, pos)
-            value, pos = buf[pos : pos + length], pos + length
         elif wire == 5:
-            value, pos = buf[pos : pos + 4], pos + 4
+            length = 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, wire, value
+        if pos + length > end:
+            raise ValueError("truncated ONNX data: a field runs past the end")
+        yield number, wire, buf[pos : pos + length]
+        pos += length
 
 
 def _packed_varints(value: memoryview) -> list[int]:

@@ -41,6 +41,7 @@ def greedy_coreset(
         distance += squared_norms
         distance += squared_norms[index]
         np.minimum(nearest, distance, out=nearest)
+        nearest[index] = -np.inf  # never chosen twice, even among duplicate rows
     return selected
 
 

@@ -1,0 +1,199 @@
+"""Tests for normalcy.backbones: sizing, preprocessing, feature grids and layer aggregation.
+
+Real features come from EfficientNet-Lite0 at small sizes (its weights ship with a dependency).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from normalcy.backbones import (
+    BACKBONES,
+    Backbone,
+    aggregate,
+    create_backbone,
+    default_layers,
+)
+
+
+@pytest.fixture(scope="module")
+def lite0() -> Backbone:
+    return create_backbone("efficientnet_lite0", 64)
+
+
+class _Pyramid(nn.Module):
+    """A stand-in network: the input averaged over 8x8 and 16x16 cells (3 channels each)."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [nn.functional.avg_pool2d(x, 8), nn.functional.avg_pool2d(x, 16)]
+
+
+def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# --- input size ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((64, 64), (64, 64)),
+        ((80, 96), (64, 80)),  # 96 * 0.8 = 76.8 -> nearest multiple of 16 is 80
+        ((96, 80), (80, 64)),
+        ((480, 640), (64, 80)),  # 85.3 -> 80
+        ((100, 300), (64, 192)),
+        ((32, 32), (64, 64)),  # small images are scaled up to the requested short side
+    ],
+)
+def test_input_size_scales_the_short_side_and_rounds_to_the_stride(
+    size: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    backbone = Backbone("fake", _Pyramid(), stride=16, image_size=64, pool=1, layers=(0, 1))
+    assert backbone.input_size(*size) == expected
+
+
+def test_input_size_keeps_the_aspect_ratio_within_half_a_stride() -> None:
+    stride, image_size = 14, 224
+    backbone = Backbone("fake", _Pyramid(), stride, image_size, pool=1, layers=(0,))
+    rng = np.random.default_rng(0)
+    for height, width in rng.integers(20, 3000, (200, 2)):
+        out_h, out_w = backbone.input_size(int(height), int(width))
+        assert out_h % stride == 0 and out_w % stride == 0
+        scale = image_size / min(height, width)
+        assert abs(out_h - height * scale) <= stride / 2
+        assert abs(out_w - width * scale) <= stride / 2
+
+
+def test_image_size_below_the_stride_is_rejected() -> None:
+    with pytest.raises(ValueError, match="at least 16"):
+        Backbone("fake", _Pyramid(), stride=16, image_size=8, pool=1, layers=(0,))
+
+
+# --- preprocessing -------------------------------------------------------------------------------
+
+
+def test_preprocess_gives_a_float_chw_tensor_in_unit_range(lite0: Backbone) -> None:
+    tensor = lite0.preprocess(_image(80, 96))
+    assert tensor.dtype == torch.float32 and tensor.shape == (3, 64, 80)
+    assert tensor.min() >= 0 and tensor.max() <= 1
+    assert tensor.max() > 0.9 and tensor.min() < 0.1  # the range is used, not squashed
+
+
+def test_preprocess_maps_uint8_levels_to_fractions_and_keeps_channels(lite0: Backbone) -> None:
+    image = np.zeros((70, 70, 3), dtype=np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 255, 51, 0
+    tensor = lite0.preprocess(image)
+    assert tensor.shape == (3, 64, 64)
+    torch.testing.assert_close(tensor[0], torch.ones(64, 64))
+    torch.testing.assert_close(tensor[1], torch.full((64, 64), 0.2))
+    torch.testing.assert_close(tensor[2], torch.zeros(64, 64))
+
+
+def test_backbone_is_frozen_and_in_eval_mode(lite0: Backbone) -> None:
+    assert not lite0.network.training
+    assert not any(p.requires_grad for p in lite0.parameters())
+
+
+# --- feature grids -------------------------------------------------------------------------------
+
+
+def test_features_of_mixed_sizes_come_back_one_grid_per_image_in_order(lite0: Backbone) -> None:
+    sizes = [(64, 64), (80, 96), (64, 64), (96, 64), (80, 96)]
+    images = [_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    grids = lite0.features(images)
+    expected = [(8, 8), (8, 10), (8, 8), (12, 8), (8, 10)]
+    assert [g.shape for g in grids] == [(*e, 40 + 112) for e in expected]
+    for grid in grids:
+        assert grid.dtype == np.float32 and grid.flags.c_contiguous
+    for image, grid in zip(images, grids, strict=True):  # each matches the image on its own
+        np.testing.assert_allclose(lite0.features([image])[0], grid, atol=1e-4)
+
+
+def test_features_of_different_images_differ(lite0: Backbone) -> None:
+    first, second = lite0.features([_image(64, 64, seed=1), _image(64, 64, seed=2)])
+    assert not np.allclose(first, second, atol=1e-3)
+
+
+def test_every_feature_vector_has_norm_sqrt_of_the_layer_count(lite0: Backbone) -> None:
+    (grid,) = lite0.features([_image(80, 96)])
+    np.testing.assert_allclose(np.linalg.norm(grid, axis=-1), np.sqrt(2), rtol=1e-5)
+
+
+def test_custom_layers_and_pooling() -> None:
+    backbone = create_backbone("efficientnet_lite0", 64, layers=(2,), pool=1)
+    assert backbone.layers == (2,) and backbone.pool == 1
+    maps = backbone(torch.rand(1, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(1, 24, 16, 16)]  # end of stage 2, stride 4
+
+
+def test_efficientnet_rejects_layers_it_does_not_have() -> None:
+    with pytest.raises(ValueError):
+        create_backbone("efficientnet_lite0", 64, layers=(4, 99))
+
+
+def test_unknown_backbone_is_rejected_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="efficientnet_lite0"):
+        create_backbone("resnet_9000", 64)
+    with pytest.raises(ValueError, match="dinov2_vits14"):
+        default_layers("resnet_9000")
+
+
+def test_default_layers_pair_an_intermediate_and_a_late_layer() -> None:
+    assert default_layers("efficientnet_lite0") == (4, 10)
+    assert default_layers("dinov2_vits14") == (7, 11)
+    assert default_layers("dinov2_vitl14") == (15, 23)
+    assert set(BACKBONES) >= {"dinov2_vits14", "dinov2_vitb14_reg", "efficientnet_lite0"}
+
+
+# --- aggregation ---------------------------------------------------------------------------------
+
+
+def test_aggregate_resizes_to_the_finest_grid_and_normalises_each_layer() -> None:
+    generator = torch.Generator().manual_seed(0)
+    fine = torch.randn(2, 3, 8, 12, generator=generator) * 5
+    coarse = torch.randn(2, 5, 4, 6, generator=generator) * 0.1
+    out = aggregate([fine, coarse], pool=1)
+    assert out.shape == (2, 8, 8, 12)
+    torch.testing.assert_close(out[:, :3].norm(dim=1), torch.ones(2, 8, 12))
+    torch.testing.assert_close(out[:, 3:].norm(dim=1), torch.ones(2, 8, 12))
+    torch.testing.assert_close(out.norm(dim=1), torch.full((2, 8, 12), 2**0.5))
+    # Without pooling the finest layer is only normalised.
+    torch.testing.assert_close(out[:, :3], fine / fine.norm(dim=1, keepdim=True))
+
+
+def test_aggregate_of_three_layers_has_norm_sqrt_three() -> None:
+    maps = [torch.rand(1, c, s, s) + 0.1 for c, s in ((4, 8), (6, 4), (2, 2))]
+    out = aggregate(maps, pool=3)
+    assert out.shape == (1, 12, 8, 8)
+    torch.testing.assert_close(out.norm(dim=1), torch.full((1, 8, 8), 3**0.5))
+
+
+def test_aggregate_coarse_layer_is_upsampled_smoothly() -> None:
+    # A coarse layer whose direction turns from channel 0 to channel 1 left to right.
+    coarse = torch.zeros(1, 2, 2, 2)
+    coarse[0, 0, :, 0], coarse[0, 1, :, 1] = 1.0, 1.0
+    fine = torch.ones(1, 1, 4, 8)
+    out = aggregate([fine, coarse], pool=1)[0, 1:]
+    assert out.shape == (2, 4, 8)
+    share = out[1] / (out[0] + out[1])
+    assert torch.all(share[:, 1:] >= share[:, :-1])  # monotone along the width
+    assert share[0, 0] < 0.05 and share[0, -1] > 0.95
+
+
+def test_aggregate_pools_over_a_local_window_ignoring_padding() -> None:
+    # Channel 0 is 1 everywhere; channel 1 is a single spike at the top-left corner.
+    grid = torch.zeros(1, 2, 6, 6)
+    grid[0, 0] = 1.0
+    grid[0, 1, 0, 0] = 9.0
+    out = aggregate([grid], pool=3)[0]
+    ratio = out[1] / out[0]  # the pooled spike over the pooled constant
+    support = (ratio > 1e-6).nonzero().tolist()
+    assert support == [[0, 0], [0, 1], [1, 0], [1, 1]]  # the spike's 3x3 neighbourhood
+    # Windows are averaged over the cells inside the grid only (no zero padding).
+    assert ratio[0, 0].item() == pytest.approx(9 / 4)
+    assert ratio[0, 1].item() == pytest.approx(9 / 6)
+    assert ratio[1, 1].item() == pytest.approx(9 / 9)

@@ -1,0 +1,235 @@
+"""Tests for the `normalcy` command, run in-process through normalcy.cli.main on a tiny
+generated data set (EfficientNet-Lite0 at 64 px), plus one smoke test of the installed script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from normalcy import __version__
+from normalcy.cli import EXIT_SOME_SKIPPED, main
+from normalcy.synthetic import make_demo_dataset
+
+FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64"]
+RESULT_KEYS = {
+    "category",
+    "method",
+    "backbone",
+    "shots",
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "image_f1_max",
+    "fit_seconds",
+    "predict_ms_per_image",
+    "peak_rss_mb",
+    "n_train",
+    "n_test",
+}
+METRIC_KEYS = {
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "image_f1_max",
+    "fit_seconds",
+    "predict_ms_per_image",
+    "peak_rss_mb",
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """root/woven_fabric in the MVTec layout: 12 train, 4 good and 6 defective test images."""
+    root = tmp_path_factory.mktemp("cli_data")
+    return make_demo_dataset(root, n_train=12, n_test_good=4, n_test_defect=6, size=64)
+
+
+@pytest.fixture(scope="module")
+def model(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("cli_models") / "fabric"
+    assert main(["fit", str(dataset / "train" / "good"), "-o", str(target), *FAST]) == 0
+    return target
+
+
+def _test_images(dataset: Path) -> list[Path]:
+    good = sorted((dataset / "test" / "good").glob("*.png"))[:2]
+    defects = sorted((dataset / "test").glob("[!g]*/*.png"))[:2]
+    return good + defects
+
+
+# --- fit -----------------------------------------------------------------------------------------
+
+
+def test_fit_writes_a_model_directory(model: Path) -> None:
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "method.safetensors"]
+    config = json.loads((model / "config.json").read_text())
+    assert config["backbone"]["name"] == "efficientnet_lite0"
+    assert config["backbone"]["image_size"] == 64
+    assert config["n_train"] == 12 and config["threshold"] is not None
+
+
+def test_fit_reports_where_it_saved(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "m"
+    code = main(["fit", str(dataset / "train" / "good"), "-o", str(target), *FAST, "--shots", "2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert str(target) in out and "2 normal images" in out
+    assert json.loads((target / "config.json").read_text())["shots"] == 2
+
+
+def test_fit_on_a_missing_folder_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere" / "train" / "good"
+    assert main(["fit", str(missing), "-o", str(tmp_path / "m"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and str(missing) in err
+    assert not (tmp_path / "m").exists()
+
+
+# --- predict -------------------------------------------------------------------------------------
+
+
+def test_predict_writes_results_maps_and_masks(
+    model: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _test_images(dataset)
+    out = tmp_path / "out"
+    code = main(["predict", str(model), *map(str, images), "-o", str(out), "--maps", "--json"])
+    assert code == 0
+    document = json.loads((out / "results.json").read_text())
+    assert json.loads(capsys.readouterr().out) == document  # --json prints the same document
+    assert document["errors"] == []
+    rows = document["results"]
+    assert [r["name"] for r in rows] == [str(p) for p in images]
+    for row in rows:
+        assert {"name", "score", "is_anomalous", "threshold"} <= set(row)
+        assert isinstance(row["score"], float) and isinstance(row["is_anomalous"], bool)
+        assert row["threshold"] == rows[0]["threshold"] is not None
+        assert set(row["files"]) == {"overlay", "map", "mask"}
+        assert np.load(out / row["files"]["map"]).shape == (64, 64)
+        with Image.open(out / row["files"]["overlay"]) as overlay:
+            assert overlay.size == (64, 64)
+        with Image.open(out / row["files"]["mask"]) as mask:
+            assert mask.size == (64, 64)
+    # Test images from different folders share stems (000.png): their files must not collide.
+    assert len({r["files"]["map"] for r in rows}) == len(rows)
+    defect_scores = [r["score"] for r in rows[2:]]
+    good_scores = [r["score"] for r in rows[:2]]
+    assert min(defect_scores) > max(good_scores)
+
+
+def test_predict_with_a_corrupt_input_exits_3_and_names_it(
+    model: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _test_images(dataset)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"definitely not a PNG")
+    inputs = [str(images[0]), str(corrupt), str(images[2])]
+    code = main(["predict", str(model), *inputs, "-o", str(tmp_path / "out")])
+    assert code == EXIT_SOME_SKIPPED == 3
+    captured = capsys.readouterr()
+    assert str(corrupt) in captured.err
+    document = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["name"] for r in document["results"]] == [inputs[0], inputs[2]]
+    assert [e["name"] for e in document["errors"]] == [str(corrupt)]
+    assert document["errors"][0]["error"]
+    assert str(images[0]) in captured.out  # the readable ones are still listed
+
+
+def test_predict_with_only_unreadable_inputs_exits_1(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.png"
+    assert main(["predict", str(model), str(missing)]) == 1
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_predict_threshold_override(
+    model: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _test_images(dataset)
+    assert main(["predict", str(model), *map(str, images), "--json", "--threshold", "0"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert all(r["is_anomalous"] is True and r["threshold"] == 0.0 for r in rows)
+
+
+def test_predict_with_a_missing_model_exits_2(
+    tmp_path: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", str(tmp_path / "no-model"), str(_test_images(dataset)[0])]) == 2
+    assert str(tmp_path / "no-model") in capsys.readouterr().err
+
+
+# --- eval ----------------------------------------------------------------------------------------
+
+
+def test_eval_writes_the_documented_json_and_a_report(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, report = tmp_path / "out.json", tmp_path / "r.html"
+    code = main(["eval", str(dataset.parent), *FAST, "--json", str(out), "--report", str(report)])
+    assert code == 0
+    summary = json.loads(out.read_text())
+    assert set(summary) == {"results", "mean"}
+    (row,) = summary["results"]
+    assert set(row) == RESULT_KEYS
+    assert row["category"] == "woven_fabric" and row["method"] == "patchknn"
+    assert row["backbone"] == "efficientnet_lite0" and row["shots"] is None
+    assert row["n_train"] == 12 and row["n_test"] == 10
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
+        assert 0.0 <= row[key] <= 1.0, key
+    assert row["fit_seconds"] > 0 and row["predict_ms_per_image"] > 0 and row["peak_rss_mb"] > 0
+    assert set(summary["mean"]) == METRIC_KEYS
+    for key in METRIC_KEYS:
+        assert summary["mean"][key] == pytest.approx(row[key])
+    assert report.read_text().lstrip().lower().startswith("<!doctype html")
+    assert "woven_fabric" in capsys.readouterr().out  # the table
+
+
+def test_eval_of_a_single_category_folder_in_few_shot(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.json"
+    assert main(["eval", str(dataset), *FAST, "--shots", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["shots"] == 2 and row["n_train"] == 2 and row["n_test"] == 10
+
+
+def test_eval_without_a_train_folder_exits_2_naming_the_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "dataset"
+    (root / "test" / "good").mkdir(parents=True)
+    assert main(["eval", str(root), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert str(root) in err and "train/good" in err
+
+
+def test_eval_of_an_unknown_category_exits_2_naming_it(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["eval", str(dataset.parent), "--category", "carpet", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "carpet" in err and "woven_fabric" in err
+
+
+# --- the installed script ------------------------------------------------------------------------
+
+
+def test_installed_entry_point_prints_the_version() -> None:
+    script = Path(sys.executable).with_name("normalcy")
+    assert script.is_file(), f"the `normalcy` script is not installed next to {sys.executable}"
+    done = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=120, cwd="/"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"normalcy {__version__}"

@@ -1,0 +1,412 @@
+"""Tests for normalcy.detector on small generated images with EfficientNet-Lite0 at 64 px."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from normalcy import Detector, Prediction
+from normalcy.data import ImageLoadError
+from normalcy.detector import MODEL_FORMAT_VERSION, augmentations
+
+HEIGHT, WIDTH, SQUARE = 80, 96, 16
+OPTIONS = {"backbone": "efficientnet_lite0", "image_size": 64}
+
+
+def normal_image(seed: int) -> np.ndarray:
+    """A smooth colour gradient with sensor noise; brightness varies a little per image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float64)
+    base = 60 + 100 * xx / (WIDTH - 1) + 20 * yy / (HEIGHT - 1) + rng.uniform(-8, 8)
+    rgb = base[..., None] * np.array([1.0, 0.9, 0.8]) + rng.normal(0, 4, (HEIGHT, WIDTH, 3))
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def anomalous_image(seed: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A normal image with a bright square; returns it and the square's top-left corner."""
+    image = normal_image(10_000 + seed)
+    rng = np.random.default_rng(seed)
+    top = int(rng.integers(8, HEIGHT - 8 - SQUARE))
+    left = int(rng.integers(8, WIDTH - 8 - SQUARE))
+    image[top : top + SQUARE, left : left + SQUARE] = 255
+    return image, (top, left)
+
+
+def _write(folder: Path, images: dict[str, np.ndarray]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in images.items():
+        Image.fromarray(image).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    root = tmp_path_factory.mktemp("detector_data")
+    train = _write(root / "train", {f"{i:03d}.png": normal_image(i) for i in range(20)})
+    good = _write(root / "good", {f"g{i}.png": normal_image(100 + i) for i in range(5)})
+    bad = _write(root / "bad", {f"b{i}.png": anomalous_image(i)[0] for i in range(5)})
+    return {"train": train, "good": good, "bad": bad, "root": [root]}
+
+
+@pytest.fixture(scope="module")
+def fitted(data: dict[str, list[Path]]) -> Detector:
+    return Detector(**OPTIONS).fit(data["train"][0].parent)
+
+
+@pytest.fixture(scope="module")
+def saved(fitted: Detector, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fitted.save(tmp_path_factory.mktemp("models") / "part-a")
+
+
+def _scores(predictions: list[Prediction]) -> np.ndarray:
+    return np.array([p.score for p in predictions])
+
+
+def _copy_model(saved: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(saved, copy)
+    return copy
+
+
+def _edit_config(model: Path, **changes: object) -> None:
+    config = json.loads((model / "config.json").read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        target = config
+        for parent in parents:
+            target = target[parent]
+        target[key] = value
+    (model / "config.json").write_text(json.dumps(config))
+
+
+# --- fit and predict -----------------------------------------------------------------------------
+
+
+def test_anomalous_images_score_higher_than_normal_ones(
+    fitted: Detector, data: dict[str, list[Path]]
+) -> None:
+    good = _scores(fitted.predict(data["good"]))
+    bad = _scores(fitted.predict(data["bad"]))
+    assert bad.min() > good.max()
+
+
+def test_anomaly_map_has_the_image_shape_and_peaks_on_the_defect(fitted: Detector) -> None:
+    for seed in range(3):
+        image, (top, left) = anomalous_image(seed)
+        prediction = fitted.predict(image)
+        assert prediction.anomaly_map.shape == (HEIGHT, WIDTH)
+        assert prediction.anomaly_map.dtype == np.float32
+        assert prediction.mask is not None and prediction.mask.shape == (HEIGHT, WIDTH)
+        assert prediction.mask.dtype == bool
+        row, col = np.unravel_index(np.argmax(prediction.anomaly_map), (HEIGHT, WIDTH))
+        margin = 12  # receptive field and 3x3 pooling blur the square's edges
+        assert top - margin <= row < top + SQUARE + margin
+        assert left - margin <= col < left + SQUARE + margin
+        assert prediction.mask[top + SQUARE // 2, left + SQUARE // 2]
+
+
+def test_threshold_comes_from_the_held_out_normal_images(
+    fitted: Detector, data: dict[str, list[Path]]
+) -> None:
+    # 20 normal images: every 10th (009.png, 019.png) is held out of the bank.
+    assert fitted.n_train_ == 20
+    assert len(fitted.normal_scores_) == 2
+    assert fitted.threshold_ == max(fitted.normal_scores_)  # fpr 0.01 of 2 images: the max
+    assert "held-out" in fitted.threshold_source_
+    held_out = fitted.predict([data["train"][9], data["train"][19]])
+    np.testing.assert_allclose(_scores(held_out), fitted.normal_scores_, rtol=1e-5)
+    in_bank = fitted.predict(data["train"][0])
+    assert in_bank.score < min(fitted.normal_scores_)  # bank images match themselves
+
+
+def test_is_anomalous_follows_the_threshold(fitted: Detector, data: dict[str, list[Path]]) -> None:
+    predictions = fitted.predict(data["good"] + data["bad"])
+    for prediction in predictions:
+        assert prediction.threshold == fitted.threshold_
+        assert prediction.is_anomalous is (prediction.score > fitted.threshold_)
+    assert all(p.is_anomalous for p in predictions[5:])
+
+
+def test_a_fixed_threshold_overrides_the_held_out_one(data: dict[str, list[Path]]) -> None:
+    detector = Detector(**OPTIONS, threshold=123.0).fit(data["train"][:12])
+    assert detector.threshold_ == 123.0 and detector.threshold_source_ == "user"
+    assert detector.predict(data["bad"][0]).is_anomalous is False
+    detector.set_threshold(0.0)
+    assert detector.predict(data["good"][0]).is_anomalous is True
+
+
+def test_prediction_json_has_the_contract_keys(
+    fitted: Detector, data: dict[str, list[Path]]
+) -> None:
+    row = fitted.predict(data["bad"][0]).to_json()
+    assert list(row) == ["name", "score", "is_anomalous", "threshold"]
+    assert row["name"] == str(data["bad"][0])
+    assert json.loads(json.dumps(row)) == row  # plain JSON types
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+
+def test_single_path_gives_one_prediction_and_a_folder_a_list(
+    fitted: Detector, data: dict[str, list[Path]]
+) -> None:
+    single = fitted.predict(data["good"][0])
+    assert isinstance(single, Prediction) and single.name == str(data["good"][0])
+    as_text = fitted.predict(str(data["good"][0]))
+    assert isinstance(as_text, Prediction) and as_text.score == single.score
+    folder = fitted.predict(data["good"][0].parent)
+    assert isinstance(folder, list) and [p.name for p in folder] == [str(p) for p in data["good"]]
+    one_item_list = fitted.predict([data["good"][0]])
+    assert isinstance(one_item_list, list) and len(one_item_list) == 1
+
+
+def test_numpy_arrays_and_pil_images_are_accepted(
+    fitted: Detector, data: dict[str, list[Path]]
+) -> None:
+    path = data["bad"][1]
+    from_file = fitted.predict(path)
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    from_array = fitted.predict(pixels)
+    from_pil = fitted.predict(Image.open(path))
+    assert isinstance(from_array, Prediction) and isinstance(from_pil, Prediction)
+    assert from_array.score == from_file.score and from_pil.score == from_file.score
+    batch = fitted.predict(np.stack([pixels, normal_image(5)]))  # a 4-D array is a batch
+    assert isinstance(batch, list) and len(batch) == 2
+    assert batch[0].score == pytest.approx(from_file.score, rel=1e-5)
+    scores = fitted.score([pixels, normal_image(5)])
+    assert scores.shape == (2,) and scores[0] > scores[1]
+
+
+def test_predict_iter_reports_a_corrupt_file_in_place_and_scores_the_rest(
+    fitted: Detector, data: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    shutil.copy(data["good"][0], tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"this is not a png file")
+    shutil.copy(data["bad"][0], tmp_path / "c.png")
+    results = list(fitted.predict_iter(tmp_path))
+    assert [type(r) for r in results] == [Prediction, ImageLoadError, Prediction]
+    assert results[1].source == str(tmp_path / "b.png")
+    assert [results[0].name, results[2].name] == [str(tmp_path / "a.png"), str(tmp_path / "c.png")]
+    assert results[2].score > results[0].score
+
+
+def test_predict_raises_naming_an_unreadable_input(fitted: Detector, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ImageLoadError, match="broken.png"):
+        fitted.predict(broken)
+
+
+def test_fit_skips_unreadable_normal_images(data: dict[str, list[Path]], tmp_path: Path) -> None:
+    for path in data["train"][:5]:
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "zzz.png").write_bytes(b"garbage")
+    detector = Detector(**OPTIONS).fit(tmp_path)
+    assert detector.n_train_ == 5
+    assert len(detector.skipped_) == 1 and "zzz.png" in detector.skipped_[0]
+
+
+def test_predict_before_fit_raises() -> None:
+    with pytest.raises(RuntimeError, match="not fitted"):
+        Detector(**OPTIONS).predict(normal_image(0))
+
+
+@pytest.mark.parametrize(("option", "value"), [("shots", 0), ("fpr", 1.0), ("fpr", -0.1)])
+def test_invalid_options_are_rejected(option: str, value: float) -> None:
+    with pytest.raises(ValueError, match=option):
+        Detector(**OPTIONS, **{option: value})
+
+
+# --- few-shot ------------------------------------------------------------------------------------
+
+
+def test_augmentations_are_the_eight_rotations_and_mirrors() -> None:
+    image = normal_image(0)
+    views = augmentations(image)
+    assert len(views) == 8
+    assert sum(v.shape == image.shape for v in views) == 4
+    assert all(v.flags.c_contiguous for v in views)
+    assert len({v.tobytes() for v in views}) == 8
+
+
+def test_two_shots_use_leave_one_out_and_set_a_threshold(
+    data: dict[str, list[Path]],
+) -> None:
+    detector = Detector(**OPTIONS, shots=2).fit(data["train"][0].parent)
+    assert detector.n_train_ == 2  # the first two images of the folder
+    assert len(detector.normal_scores_) == 2
+    assert detector.threshold_ == max(detector.normal_scores_)
+    bank = detector.method_.memory_bank_
+    assert bank.shape[0] == 2 * 8 * 80  # both references, 8 views, every 8x10 patch kept
+    good = _scores(detector.predict(data["good"]))
+    bad = _scores(detector.predict(data["bad"]))
+    assert bad.min() > good.max()
+
+
+def test_one_shot_sets_no_threshold_and_warns(
+    data: dict[str, list[Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="normalcy"):
+        detector = Detector(**OPTIONS, shots=1).fit(data["train"])
+    assert detector.threshold_ is None and detector.pixel_threshold_ is None
+    assert any("threshold" in r.getMessage() for r in caplog.records)
+    prediction = detector.predict(data["bad"][0])
+    assert prediction.is_anomalous is None and prediction.mask is None
+    assert prediction.threshold is None and prediction.score > 0
+
+
+def test_more_shots_than_images_is_rejected(data: dict[str, list[Path]]) -> None:
+    with pytest.raises(ValueError, match="shots 5"):
+        Detector(**OPTIONS, shots=5).fit(data["train"][:3])
+
+
+# --- save and load -------------------------------------------------------------------------------
+
+
+def test_loaded_detector_predicts_exactly_the_same(
+    fitted: Detector, saved: Path, data: dict[str, list[Path]]
+) -> None:
+    inputs = data["good"][:2] + data["bad"][:2]
+    before = fitted.predict(inputs)
+    loaded = Detector.load(saved)
+    after = loaded.predict(inputs)
+    assert [p.score for p in after] == [p.score for p in before]
+    for a, b in zip(after, before, strict=True):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.is_anomalous == b.is_anomalous
+    assert loaded.threshold_ == fitted.threshold_
+    assert loaded.threshold_source_ == fitted.threshold_source_
+    assert loaded.pixel_threshold_ == fitted.pixel_threshold_
+    assert loaded.n_train_ == fitted.n_train_
+    np.testing.assert_array_equal(loaded.normal_scores_, fitted.normal_scores_)
+
+
+def test_saved_model_is_config_json_and_safetensors_only(saved: Path) -> None:
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "method.safetensors"]
+    config = json.loads((saved / "config.json").read_text())
+    assert config["format"] == "normalcy-model"
+    assert config["format_version"] == MODEL_FORMAT_VERSION
+    assert config["backbone"]["name"] == "efficientnet_lite0"
+    assert config["backbone"]["image_size"] == 64
+    assert config["method"]["name"] == "patchknn"
+    raw = (saved / "method.safetensors").read_bytes()
+    header_length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_length])  # the safetensors layout
+    assert set(header) - {"__metadata__"} == {"memory_bank", "normal_scores"}
+    assert raw[:1] != b"\x80"  # not a pickle stream
+    with pytest.raises(pickle.UnpicklingError):
+        pickle.loads(raw)
+
+
+def test_loading_never_unpickles(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model load must not unpickle anything")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    detector = Detector.load(saved)
+    assert detector.predict(normal_image(3)).score > 0
+
+
+def test_saving_over_a_model_leaves_no_temporary_folders(
+    data: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    detector = Detector(**OPTIONS).fit(data["train"][:12])
+    target = tmp_path / "models" / "part-a"
+    detector.save(target)
+    detector.set_threshold(42.0)
+    assert detector.save(target) == target
+    assert [p.name for p in target.parent.iterdir()] == ["part-a"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "method.safetensors"]
+    assert json.loads((target / "config.json").read_text())["threshold"] == 42.0
+    assert Detector.load(target).threshold_ == 42.0
+
+
+def test_saving_never_deletes_a_folder_that_is_not_a_model(
+    fitted: Detector, tmp_path: Path
+) -> None:
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "holiday.jpg").write_bytes(b"irreplaceable")
+    with contextlib.suppress(FileExistsError, ValueError, OSError):
+        fitted.save(precious)
+    assert (precious / "holiday.jpg").read_bytes() == b"irreplaceable"
+
+
+def test_saved_model_folder_has_the_usual_permissions(fitted: Detector, tmp_path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    target = fitted.save(tmp_path / "shared-model")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
+
+
+def test_another_format_version_is_refused_naming_both(saved: Path, tmp_path: Path) -> None:
+    model = _copy_model(saved, tmp_path)
+    _edit_config(model, format_version=MODEL_FORMAT_VERSION + 1)
+    with pytest.raises(ValueError) as caught:
+        Detector.load(model)
+    message = str(caught.value)
+    assert f"format {MODEL_FORMAT_VERSION + 1}" in message
+    assert f"format {MODEL_FORMAT_VERSION}" in message
+    assert str(model) in message
+
+
+def test_a_folder_without_config_is_not_a_model(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Detector.load(tmp_path)
+
+
+def test_a_config_of_another_program_is_refused(saved: Path, tmp_path: Path) -> None:
+    model = _copy_model(saved, tmp_path)
+    _edit_config(model, format="something-else")
+    with pytest.raises(ValueError, match="not a normalcy model"):
+        Detector.load(model)
+
+
+def test_a_mismatched_weights_fingerprint_is_refused(saved: Path, tmp_path: Path) -> None:
+    model = _copy_model(saved, tmp_path)
+    _edit_config(model, backbone__weights_fingerprint="0" * 16)
+    with pytest.raises(ValueError, match="other efficientnet_lite0 weights"):
+        Detector.load(model)
+
+
+def test_loading_with_other_weights_is_refused(
+    saved: Path, tmp_path: Path, normalcy_home: Path
+) -> None:
+    state = load_file(str(normalcy_home / "efficientnet_lite0.safetensors"))
+    state["_conv_stem.weight"] = state["_conv_stem.weight"] + 1e-3
+    other = tmp_path / "finetuned.safetensors"
+    save_file(state, str(other))
+    with pytest.raises(ValueError, match="weights"):
+        Detector.load(saved, weights=other)
+    same = tmp_path / "same.safetensors"
+    shutil.copy(normalcy_home / "efficientnet_lite0.safetensors", same)
+    assert Detector.load(saved, weights=same).threshold_ is not None
+
+
+def test_loading_with_weights_that_differ_in_a_later_layer_is_refused(
+    saved: Path, tmp_path: Path, normalcy_home: Path
+) -> None:
+    state = load_file(str(normalcy_home / "efficientnet_lite0.safetensors"))
+    state["_blocks.10._bn0.running_mean"] = state["_blocks.10._bn0.running_mean"] + 0.5
+    other = tmp_path / "other.safetensors"
+    save_file(state, str(other))
+    with pytest.raises(ValueError, match="weights"):
+        Detector.load(saved, weights=other)

@@ -1,0 +1,63 @@
+"""End to end on real inspection images: `normalcy fit` and `normalcy eval` on magnetic tiles.
+
+Uses a fixed subsample (every 8th training image, every 5th test image) so it runs in a few
+minutes on a 2-core CPU; the floors sit below the full-benchmark figures in the README by a
+margin that covers the subsample's noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from normalcy.cli import main
+from normalcy.data import find_categories
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "magnetic_tile"
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not (DATA / "train" / "good").is_dir(),
+        reason=f"real data not found at {DATA} (see shared/data/README.md)",
+    ),
+]
+
+IMAGE_AUROC_FLOOR = 0.85
+AUPRO_FLOOR = 0.65
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(source, target)
+
+
+@pytest.fixture(scope="module")
+def subsample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A linked (not copied) MVTec-layout subsample of magnetic_tile."""
+    root = tmp_path_factory.mktemp("mtd") / "magnetic_tile"
+    category = find_categories(DATA)[0]
+    for path in category.train[::8]:
+        _link(path, root / "train" / "good" / path.name)
+    for sample in category.test[::5]:
+        _link(sample.path, root / "test" / sample.defect / sample.path.name)
+        if sample.mask_path is not None:
+            _link(sample.mask_path, root / "ground_truth" / sample.defect / sample.mask_path.name)
+    return root
+
+
+def test_fit_then_eval_on_magnetic_tiles_beats_the_floors(subsample: Path, tmp_path: Path):
+    model = tmp_path / "model"
+    assert main(["fit", str(subsample / "train" / "good"), "-o", str(model)]) == 0
+    config = json.loads((model / "config.json").read_text())
+    assert config["threshold"] is not None
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(subsample), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert result["n_test"] == len(find_categories(subsample)[0].test)
+    assert result["image_auroc"] >= IMAGE_AUROC_FLOOR
+    assert result["aupro"] >= AUPRO_FLOOR

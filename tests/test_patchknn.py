@@ -1,0 +1,136 @@
+"""Tests for normalcy.methods.patchknn (and the method registry)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from normalcy.methods import METHODS, create_method, method_from_state
+from normalcy.methods.patchknn import PatchKNN
+
+DIM = 24
+
+
+def _normal_grids(n: int, seed: int = 0, size: tuple[int, int] = (6, 8)) -> list[np.ndarray]:
+    """Feature grids whose patches lie near a few 'normal' prototypes."""
+    rng = np.random.default_rng(seed)
+    prototypes = np.random.default_rng(99).standard_normal((5, DIM)).astype(np.float32)
+    grids = []
+    for _ in range(n):
+        picks = rng.integers(0, 5, size)
+        noise = rng.standard_normal((*size, DIM)).astype(np.float32) * 0.05
+        grids.append(prototypes[picks] + noise)
+    return grids
+
+
+def _brute_force(bank: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Distance of each query row to its nearest bank row, in float64."""
+    diff = queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)
+    return np.sqrt((diff**2).sum(-1)).min(axis=1)
+
+
+def test_planted_anomalous_patches_score_above_every_normal_patch() -> None:
+    method = PatchKNN(coreset_ratio=0.25).fit(_normal_grids(10))
+    test = _normal_grids(1, seed=5)[0]
+    anomalous = [(1, 2), (4, 6)]
+    rng = np.random.default_rng(6)
+    for row, col in anomalous:
+        test[row, col] = rng.standard_normal(DIM).astype(np.float32) * 2
+    scores = method.score(test)
+    assert scores.shape == (6, 8) and scores.dtype == np.float32
+    normal = np.ones((6, 8), dtype=bool)
+    for row, col in anomalous:
+        normal[row, col] = False
+    assert scores[~normal].min() > 5 * scores[normal].max()
+
+
+def test_nearest_distances_match_brute_force() -> None:
+    rng = np.random.default_rng(1)
+    grids = [rng.standard_normal((5, 7, DIM)).astype(np.float32) for _ in range(4)]
+    method = PatchKNN(coreset_ratio=1.0).fit(grids)
+    assert method.memory_bank_.shape == (4 * 35, DIM)  # ratio 1 keeps every patch
+    query = rng.standard_normal((9, 11, DIM)).astype(np.float32)
+    expected = _brute_force(method.memory_bank_, query.reshape(-1, DIM)).reshape(9, 11)
+    np.testing.assert_allclose(method.score(query), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_scoring_in_small_batches_gives_the_same_result() -> None:
+    method = PatchKNN(coreset_ratio=0.5).fit(_normal_grids(4))
+    query = np.random.default_rng(2).standard_normal((10, 10, DIM)).astype(np.float32)
+    np.testing.assert_allclose(method.score(query, batch_size=7), method.score(query), rtol=1e-6)
+
+
+def test_patches_of_the_bank_score_zero() -> None:
+    grids = _normal_grids(3)
+    method = PatchKNN(coreset_ratio=1.0).fit(grids)
+    np.testing.assert_allclose(method.score(grids[1]), 0.0, atol=2e-3)
+
+
+def test_fit_accepts_patch_lists_and_bounds_the_bank() -> None:
+    patches = [g.reshape(-1, DIM) for g in _normal_grids(8)]
+    method = PatchKNN(coreset_ratio=0.5, max_bank_size=30).fit(iter(patches))
+    assert method.memory_bank_.shape == (30, DIM)
+    assert method.n_patches_seen_ == 8 * 48
+
+
+def test_state_round_trips_through_arrays_and_from_state() -> None:
+    method = PatchKNN(coreset_ratio=0.3, max_bank_size=50, projection_dim=16, seed=4)
+    method.fit(_normal_grids(6))
+    query = _normal_grids(1, seed=7)[0]
+    arrays = method.arrays()
+    assert set(arrays) == {"memory_bank"}
+    restored = PatchKNN.from_state(method.get_params(), {k: v.copy() for k, v in arrays.items()})
+    assert restored.get_params() == {
+        "coreset_ratio": 0.3,
+        "max_bank_size": 50,
+        "projection_dim": 16,
+        "seed": 4,
+    }
+    np.testing.assert_array_equal(restored.memory_bank_, method.memory_bank_)
+    np.testing.assert_array_equal(restored.score(query), method.score(query))
+
+
+def test_from_state_converts_the_bank_to_contiguous_float32() -> None:
+    bank = np.random.default_rng(3).standard_normal((20, 2 * DIM))[:, ::2]  # float64 view
+    restored = PatchKNN.from_state(PatchKNN().get_params(), {"memory_bank": bank})
+    assert restored.memory_bank_.dtype == np.float32 and restored.memory_bank_.flags.c_contiguous
+    query = np.random.default_rng(4).standard_normal((2, 3, DIM)).astype(np.float32)
+    expected = _brute_force(bank, query.reshape(-1, DIM)).reshape(2, 3)
+    np.testing.assert_allclose(restored.score(query), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_refit_replaces_the_bank() -> None:
+    method = PatchKNN(coreset_ratio=1.0).fit([np.zeros((2, 2, DIM), dtype=np.float32)])
+    query = np.ones((1, 1, DIM), dtype=np.float32)
+    assert method.score(query)[0, 0] == pytest.approx(np.sqrt(DIM), rel=1e-5)
+    method.fit([np.ones((2, 2, DIM), dtype=np.float32)])
+    assert method.score(query)[0, 0] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_scoring_before_fit_raises() -> None:
+    with pytest.raises(RuntimeError, match="not fitted"):
+        PatchKNN().score(np.zeros((2, 2, DIM), dtype=np.float32))
+
+
+def test_scoring_features_of_another_width_raises() -> None:
+    method = PatchKNN().fit(_normal_grids(2))
+    with pytest.raises(ValueError, match=f"{DIM}"):
+        method.score(np.zeros((2, 2, DIM + 1), dtype=np.float32))
+
+
+def test_fit_on_nothing_raises() -> None:
+    with pytest.raises(ValueError):
+        PatchKNN().fit([])
+
+
+def test_registry_creates_and_restores_patchknn() -> None:
+    assert METHODS["patchknn"] is PatchKNN
+    method = create_method("patchknn", coreset_ratio=1.0)
+    assert isinstance(method, PatchKNN) and method.coreset_ratio == 1.0
+    method.fit(_normal_grids(2))
+    restored = method_from_state("patchknn", method.get_params(), method.arrays())
+    np.testing.assert_array_equal(restored.memory_bank_, method.memory_bank_)
+    with pytest.raises(ValueError, match="patchknn"):
+        create_method("nope")
+    with pytest.raises(ValueError, match="nope"):
+        method_from_state("nope", {}, {})
