@@ -4,7 +4,9 @@ Each row runs `normalcy eval` in its own process, so peak RSS is that row's alon
 markdown table and writes every row's JSON to bench-results/.
 
     python benchmarks/run.py                      # the standard rows on magnetic_tile
-    python benchmarks/run.py --rows lite0-full    # chosen rows only
+    python benchmarks/run.py --rows lite0-224-full   # chosen rows only
+    python benchmarks/run.py --rows dinov2-448-full --train-every 4 --test-every 3
+                                                    # on a linked subsample, for slow rows
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from normalcy.data import find_categories, link_subsample
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mtd" / "magnetic_tile"
@@ -40,15 +45,22 @@ COLUMNS = (
 )
 
 
-def run_row(name: str, data: Path, out: Path) -> dict:
-    target = out / f"{name}.json"
+def run_row(name: str, data: Path, out: Path, subsample: str) -> dict:
+    target = out / f"{name}{subsample}.json"
     command = [
-        sys.executable, "-m", "normalcy.cli", "eval", str(data), *ROWS[name], "--json", str(target)
+        sys.executable,
+        "-m",
+        "normalcy.cli",
+        "eval",
+        str(data),
+        *ROWS[name],
+        "--json",
+        str(target),
     ]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
     row = json.loads(target.read_text())["results"][0]
-    row["name"] = name
+    row["name"] = name + subsample
     return row
 
 
@@ -69,16 +81,28 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="one MVTec category")
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    parser.add_argument("--train-every", type=int, default=1, help="use every n-th train image")
+    parser.add_argument("--test-every", type=int, default=1, help="use every n-th test image")
     args = parser.parse_args()
     if not (args.data / "train" / "good").is_dir():
         print(f"no MVTec-layout category at {args.data}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_row(name, args.data, args.out) for name in args.rows]
+    subsample = ""
+    with tempfile.TemporaryDirectory() as scratch:
+        data = args.data
+        if args.train_every > 1 or args.test_every > 1:
+            subsample = f" (train 1/{args.train_every}, test 1/{args.test_every})"
+            category = find_categories(args.data)[0]
+            data = link_subsample(
+                category, Path(scratch) / category.name, args.train_every, args.test_every
+            )
+        rows = [run_row(name, data, args.out, subsample) for name in args.rows]
     table = markdown(rows)
     print(table)
-    (args.out / "table.md").write_text(table + "\n")
-    (args.out / "rows.json").write_text(json.dumps(rows, indent=2) + "\n")
+    tag = subsample.strip(" ()").replace(", ", "-").replace("/", "of").replace(" ", "")
+    (args.out / f"table{tag}.md").write_text(table + "\n")
+    (args.out / f"rows{tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 

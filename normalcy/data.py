@@ -431,3 +431,22 @@ def few_shot_references(paths: Sequence[Path], shots: int, seed: int = 0) -> lis
             f"only {len(paths)} exist"
         )
     return sorted(paths)[seed * shots : needed]
+
+
+def link_subsample(
+    category: MVTecCategory, target: Path, train_every: int, test_every: int
+) -> Path:
+    """An MVTec-layout copy of every n-th train and test image, as symbolic links (no data
+    copied), for quicker runs of benchmarks and tests. Returns `target`."""
+
+    def link(source: Path, destination: Path) -> None:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(source.resolve(), destination)
+
+    for path in category.train[::train_every]:
+        link(path, target / "train" / "good" / path.name)
+    for sample in category.test[::test_every]:
+        link(sample.path, target / "test" / sample.defect / sample.path.name)
+        if sample.mask_path is not None:
+            link(sample.mask_path, target / "ground_truth" / sample.defect / sample.mask_path.name)
+    return target

@@ -142,10 +142,10 @@ def test_unknown_backbone_is_rejected_with_the_choices() -> None:
         default_layers("resnet_9000")
 
 
-def test_default_layers_pair_an_intermediate_and_a_late_layer() -> None:
+def test_default_layers_are_mid_level() -> None:
     assert default_layers("efficientnet_lite0") == (4, 10)
-    assert default_layers("dinov2_vits14") == (7, 11)
-    assert default_layers("dinov2_vitl14") == (15, 23)
+    assert default_layers("dinov2_vits14") == (6,)
+    assert default_layers("dinov2_vitl14") == (12,)
     assert set(BACKBONES) >= {"dinov2_vits14", "dinov2_vitb14_reg", "efficientnet_lite0"}
 
 

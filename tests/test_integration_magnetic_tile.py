@@ -8,13 +8,12 @@ margin that covers the subsample's noise.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from normalcy.cli import main
-from normalcy.data import find_categories
+from normalcy.data import find_categories, link_subsample
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "magnetic_tile"
 
@@ -30,23 +29,11 @@ IMAGE_AUROC_FLOOR = 0.85
 AUPRO_FLOOR = 0.65
 
 
-def _link(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(source, target)
-
-
 @pytest.fixture(scope="module")
 def subsample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A linked (not copied) MVTec-layout subsample of magnetic_tile."""
     root = tmp_path_factory.mktemp("mtd") / "magnetic_tile"
-    category = find_categories(DATA)[0]
-    for path in category.train[::8]:
-        _link(path, root / "train" / "good" / path.name)
-    for sample in category.test[::5]:
-        _link(sample.path, root / "test" / sample.defect / sample.path.name)
-        if sample.mask_path is not None:
-            _link(sample.mask_path, root / "ground_truth" / sample.defect / sample.mask_path.name)
-    return root
+    return link_subsample(find_categories(DATA)[0], root, train_every=8, test_every=5)
 
 
 def test_fit_then_eval_on_magnetic_tiles_beats_the_floors(subsample: Path, tmp_path: Path):

@@ -89,7 +89,9 @@ def test_invalid_layers_are_rejected(layers: tuple[int, ...]) -> None:
 def test_dinov2_configs_match_the_published_sizes() -> None:
     small = VisionTransformer(VIT_CONFIGS["dinov2_vits14"], (11,))
     n_params = sum(p.numel() for p in small.parameters())
-    assert n_params == 22_056_192  # DINOv2 ViT-S/14 without its mask token
+    # DINOv2 ViT-S/14 has 22,056,192 without its mask token; the final LayerNorm (768) is
+    # not built because raw block outputs are returned.
+    assert n_params == 22_056_192 - 2 * 384
     assert small.pos_embed.shape == (1, 1 + 37 * 37, 384)
     assert VIT_CONFIGS["dinov2_vitb14_reg"].num_registers == 4
 
@@ -168,8 +170,8 @@ def _to_hf(meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "embeddings.position_embeddings": meta["pos_embed"],
         "embeddings.patch_embeddings.projection.weight": meta["patch_embed.proj.weight"],
         "embeddings.patch_embeddings.projection.bias": meta["patch_embed.proj.bias"],
-        "layernorm.weight": meta["norm.weight"],
-        "layernorm.bias": meta["norm.bias"],
+        "layernorm.weight": torch.ones(meta["cls_token"].shape[-1]),
+        "layernorm.bias": torch.zeros(meta["cls_token"].shape[-1]),
     }
     depth = 1 + max(int(k.split(".")[1]) for k in meta if k.startswith("blocks."))
     for i in range(depth):
@@ -204,7 +206,8 @@ def test_hf_to_meta_concatenates_query_key_value_in_that_order() -> None:
 def test_hf_to_meta_renames_every_tensor_of_a_model() -> None:
     original = _tiny().state_dict()
     meta = hf_to_meta(_to_hf(original))
-    assert set(meta) == set(original)  # the HF mask token is dropped
+    # The HF mask token is dropped; the final norm is kept, as in Meta's checkpoints.
+    assert set(meta) == set(original) | {"norm.weight", "norm.bias"}
     for name, tensor in original.items():
         assert torch.equal(meta[name], tensor), name
     model = VisionTransformer(TINY, (0, 2))

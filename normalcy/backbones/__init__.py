@@ -197,7 +197,7 @@ def _build_efficientnet(name: str, layers: tuple[int, ...], weights: str | os.Pa
 # name -> (builder, default layers, default local pooling)
 BACKBONES: dict[str, tuple[Callable, tuple[int, ...], int]] = {
     **{
-        name: (_build_dinov2, (7, 11) if "vitl" not in name else (15, 23), 1)
+        name: (_build_dinov2, (6,) if "vitl" not in name else (12,), 1)
         for name in (
             "dinov2_vits14",
             "dinov2_vitb14",

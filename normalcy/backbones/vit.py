@@ -82,7 +82,10 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """DINOv2 ViT; `forward` returns (B, C, h, w) grids of the requested blocks' patch tokens."""
+    """DINOv2 ViT; `forward` returns (B, C, h, w) grids of the requested blocks' patch tokens.
+
+    Only the blocks up to the deepest requested one are built and run.
+    """
 
     def __init__(self, config: ViTConfig, layers: tuple[int, ...]) -> None:
         super().__init__()
@@ -103,7 +106,6 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, config.num_heads) for _ in range(self.layers[-1] + 1)
         )
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:
         cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
@@ -129,8 +131,8 @@ class VisionTransformer(nn.Module):
         for index, block in enumerate(self.blocks):
             tokens = block(tokens)
             if index in self.layers:
-                patches = self.norm(tokens[:, skip:])
-                outputs.append(patches.transpose(1, 2).reshape(b, -1, h, w))
+                # Raw block outputs: the final LayerNorm was trained for the last block only.
+                outputs.append(tokens[:, skip:].transpose(1, 2).reshape(b, -1, h, w))
         return outputs
 
 
