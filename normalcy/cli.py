@@ -268,10 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def return_freed_memory() -> None:
-    """Make glibc serve large buffers by mmap, so freed feature tensors go back to the OS.
+    """Make glibc serve buffers of 16 MiB and more by mmap, so that freed feature tensors go
+    back to the OS instead of piling up in the heap (peak RSS grew several-fold without it).
 
-    Without this, glibc keeps freed 16-64 MB temporaries on its heap and peak RSS grows
-    several-fold; it is what MALLOC_MMAP_THRESHOLD_=131072 does, set from inside.
+    16 MiB, not lower: at 128 KiB every mid-sized activation is a fresh mmap, and measured
+    predict time rose by 70%; at 16 MiB it did not change.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -280,7 +281,7 @@ def return_freed_memory() -> None:
     except OSError:
         return
     m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
+    libc.mallopt(m_mmap_threshold, 16 * 1024 * 1024)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
