@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/ruff check normalcy tests benchmarks
 	$(BIN)/pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP)  ## every row on the full set: about two hours on a 2-core CPU
 	$(BIN)/python benchmarks/run.py
 
 clean:

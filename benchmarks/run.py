@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from normalcy.data import find_categories, link_subsample
+from normalcy.evaluate import METRIC_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mtd" / "magnetic_tile"
@@ -34,19 +35,10 @@ ROWS: dict[str, list[str]] = {
     "lite0-224-full": ["--backbone", "efficientnet_lite0", "--image-size", "224"],
     "lite0-224-1shot": ["--backbone", "efficientnet_lite0", "--image-size", "224", "--shots", "1"],
 }
-COLUMNS = (
-    "image_auroc",
-    "pixel_auroc",
-    "aupro",
-    "image_f1_max",
-    "fit_seconds",
-    "predict_ms_per_image",
-    "peak_rss_mb",
-)
 
 
 def run_row(name: str, data: Path, out: Path, subsample: str) -> dict:
-    target = out / f"{name}{subsample}.json"
+    target = out / f"{name}{_file_tag(subsample)}.json"
     command = [
         sys.executable,
         "-m",
@@ -64,12 +56,18 @@ def run_row(name: str, data: Path, out: Path, subsample: str) -> dict:
     return row
 
 
+def _file_tag(subsample: str) -> str:
+    """' (train 1/4, test 1/4)' -> '-train1of4-test1of4', for file names."""
+    words = subsample.strip(" ()").replace("/", "of").replace(" ", "").split(",")
+    return "".join(f"-{w}" for w in words if w)
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ["setting", "n_train", *COLUMNS]
+    head = ["setting", "n_train", *METRIC_KEYS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["name"], str(row["n_train"])]
-        for key in COLUMNS:
+        for key in METRIC_KEYS:
             value = row[key]
             cells.append("-" if value is None else f"{value:.3f}" if value < 10 else f"{value:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -100,7 +98,7 @@ def main() -> int:
         rows = [run_row(name, data, args.out, subsample) for name in args.rows]
     table = markdown(rows)
     print(table)
-    tag = subsample.strip(" ()").replace(", ", "-").replace("/", "of").replace(" ", "")
+    tag = _file_tag(subsample)
     (args.out / f"table{tag}.md").write_text(table + "\n")
     (args.out / f"rows{tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0

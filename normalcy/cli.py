@@ -39,6 +39,9 @@ def _detector_options(parser: argparse.ArgumentParser) -> None:
         help="few-shot: do not add rotated/mirrored reference views (orientation matters)",
     )
     parser.add_argument("--weights", default=None, help="backbone weights file to use")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="backbone blocks to use (0-based)"
+    )
 
 
 def _make_detector(args: argparse.Namespace, **extra) -> Detector:
@@ -49,6 +52,7 @@ def _make_detector(args: argparse.Namespace, **extra) -> Detector:
         image_size=args.image_size,
         augment=not args.no_augment,
         weights=args.weights,
+        layers=args.layers,
         **extra,
     )
 
