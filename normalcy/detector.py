@@ -284,8 +284,8 @@ class Detector:
         for item in load_many(sources):
             if isinstance(item, ImageLoadError):
                 yield from self._predict_loaded(pending)
+                bar.update(len(pending) + 1)
                 pending = []
-                bar.update()
                 yield item
                 continue
             pending.append(item)
