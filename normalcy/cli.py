@@ -85,8 +85,9 @@ def _unique_stem(name: str, used: set[str]) -> str:
     return candidate
 
 
-def _write_maps(out: Path, stem: str, prediction: Prediction, vmax: float) -> dict[str, str]:
-    image = load_image(prediction.name)
+def _write_maps(
+    out: Path, stem: str, prediction: Prediction, image: np.ndarray, vmax: float
+) -> dict[str, str]:
     full = overlay(image, prediction.anomaly_map, 0.0, vmax, mask=prediction.mask)
     save_png(out / f"{stem}_overlay.png", full)
     np.save(out / f"{stem}_map.npy", prediction.anomaly_map)
@@ -115,11 +116,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"error: {item}", file=sys.stderr)
             continue
         row = item.to_json()
-        if out and args.maps:
+        write_maps = bool(out and args.maps)
+        # Decoded once more (predict does not keep images), and only when something needs it.
+        image = load_image(item.name) if write_maps or args.report else None
+        if write_maps:
             scale = vmax or float(np.percentile(item.anomaly_map, 99.5))
-            row["files"] = _write_maps(out, _unique_stem(item.name, used), item, scale)
+            row["files"] = _write_maps(out, _unique_stem(item.name, used), item, image, scale)
         if args.report:
-            report_images.append(_report_image(item, load_image(item.name)))
+            report_images.append(_report_image(item, image))
         results.append(row)
         if not args.json:
             decision = {True: "ANOMALOUS", False: "normal", None: "-"}[item.is_anomalous]

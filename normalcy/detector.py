@@ -128,13 +128,8 @@ class Detector:
     def _grids(self, images: Iterable[LoadedImage]) -> Iterator[tuple[LoadedImage, np.ndarray]]:
         """Feature grids, computed a batch at a time so memory stays bounded."""
         backbone = self._backbone()
-        batch: list[LoadedImage] = []
-        for item in images:
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                yield from zip(batch, backbone.features([b.image for b in batch]), strict=True)
-                batch = []
-        if batch:
+        remaining = iter(images)
+        while batch := list(itertools.islice(remaining, self.batch_size)):
             yield from zip(batch, backbone.features([b.image for b in batch]), strict=True)
 
     def _loaded(self, sources: Sequence[ImageInput], what: str) -> Iterator[LoadedImage]:
