@@ -21,20 +21,31 @@ from pathlib import Path
 from normalcy.data import find_categories, link_subsample
 from normalcy.evaluate import METRIC_KEYS
 
+QUALITY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mtd" / "magnetic_tile"
 
 # name -> normalcy eval options
-ROWS: dict[str, list[str]] = {
-    "dinov2-224-full": ["--backbone", "dinov2_vits14", "--image-size", "224"],
-    "dinov2-224-1shot": ["--backbone", "dinov2_vits14", "--image-size", "224", "--shots", "1"],
-    "dinov2-224-4shot": ["--backbone", "dinov2_vits14", "--image-size", "224", "--shots", "4"],
-    "dinov2-448-full": ["--backbone", "dinov2_vits14", "--image-size", "448"],
-    "dinov2-448-1shot": ["--backbone", "dinov2_vits14", "--image-size", "448", "--shots", "1"],
-    "dinov2-448-4shot": ["--backbone", "dinov2_vits14", "--image-size", "448", "--shots", "4"],
-    "lite0-224-full": ["--backbone", "efficientnet_lite0", "--image-size", "224"],
-    "lite0-224-1shot": ["--backbone", "efficientnet_lite0", "--image-size", "224", "--shots", "1"],
-}
+DRAWS = ["--draws", "3"]  # few-shot rows: mean and spread over three reference draws
+
+
+def _rows() -> dict[str, list[str]]:
+    rows: dict[str, list[str]] = {}
+    for size in ("224", "448"):
+        base = ["--backbone", "dinov2_vits14", "--image-size", size]
+        rows[f"dinov2-{size}-full"] = base
+        for shots in (1, 2, 4, 8, 16):
+            rows[f"dinov2-{size}-{shots}shot"] = [*base, "--shots", str(shots), *DRAWS]
+        rows[f"dinov2-{size}-gaussian"] = [*base, "--method", "gaussian"]
+        rows[f"dinov2-{size}-mutual"] = [*base, "--method", "mutual"]
+    lite = ["--backbone", "efficientnet_lite0", "--image-size", "224"]
+    rows["lite0-224-full"] = lite
+    rows["lite0-224-1shot"] = [*lite, "--shots", "1", *DRAWS]
+    return rows
+
+
+ROWS = _rows()
 
 
 def run_row(name: str, data: Path, out: Path, subsample: str) -> dict:
@@ -51,7 +62,10 @@ def run_row(name: str, data: Path, out: Path, subsample: str) -> dict:
     ]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
-    row = json.loads(target.read_text())["results"][0]
+    summary = json.loads(target.read_text())
+    (setting,) = summary["settings"]
+    row = {**setting["mean"], "n_train": summary["results"][0]["n_train"]}
+    row["spread"] = setting["spread"]
     row["name"] = name + subsample
     return row
 
@@ -69,7 +83,11 @@ def markdown(rows: list[dict]) -> str:
         cells = [row["name"], str(row["n_train"])]
         for key in METRIC_KEYS:
             value = row[key]
-            cells.append("-" if value is None else f"{value:.3f}" if value < 10 else f"{value:.0f}")
+            cell = "-" if value is None else f"{value:.3f}" if value < 10 else f"{value:.0f}"
+            spread = (row.get("spread") or {}).get(key)
+            if spread is not None and key in QUALITY_KEYS:
+                cell += f" ± {spread:.3f}"
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -8,46 +8,56 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from normalcy import __version__
 from normalcy.backbones import BACKBONES
-from normalcy.data import ImageLoadError, TestSample, load_image
-from normalcy.detector import Detector, Prediction
-from normalcy.evaluate import evaluate, format_table
+from normalcy.data import ImageLoadError, TestSample, expand_inputs, load_image
+from normalcy.detector import MUTUAL, ZERO_SHOT_HINT, Detector, Prediction, choose_setting
+from normalcy.evaluate import evaluate, format_table, summarize
 from normalcy.methods import METHODS
 from normalcy.report import ReportImage, write_report
 from normalcy.visualize import overlay, save_png, thumbnail, write_atomic
 
 EXIT_SOME_SKIPPED = 3  # predict: some inputs could not be read; the others were scored
 REPORT_SIDE = 256
+EVAL_ALL = ["patchknn", "gaussian", MUTUAL]  # what `eval --method all` compares
+METHOD_HELP = (
+    "patchknn: nearest normal patch (full- and few-shot); gaussian: Mahalanobis distance to "
+    "normal features; mutual (eval only): zero-shot, test images score each other. "
+    "Default for fit: chosen from the number of normal images"
+)
 
 
-def _detector_options(parser: argparse.ArgumentParser) -> None:
+def _backbone_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES))
-    parser.add_argument("--method", default="patchknn", choices=sorted(METHODS))
-    parser.add_argument("--shots", type=int, default=None, help="few-shot: use K normal images")
     parser.add_argument(
         "--image-size", type=int, default=224, help="short side fed to the backbone (px)"
     )
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="backbone blocks to use (0-based)"
+    )
+
+
+def _detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
+    _backbone_options(parser)
+    parser.add_argument("--method", default=None, choices=methods, help=METHOD_HELP)
+    parser.add_argument("--shots", type=int, default=None, help="few-shot: use K normal images")
     parser.add_argument(
         "--no-augment",
         action="store_true",
         help="few-shot: do not add rotated/mirrored reference views (orientation matters)",
     )
     parser.add_argument("--weights", default=None, help="backbone weights file to use")
-    parser.add_argument(
-        "--layers", type=int, nargs="+", default=None, help="backbone blocks to use (0-based)"
-    )
 
 
-def _make_detector(args: argparse.Namespace, **extra) -> Detector:
+def _make_detector(args: argparse.Namespace, method: str | None = None, **extra) -> Detector:
     return Detector(
         backbone=args.backbone,
-        method=args.method,
+        method=method or args.method or "patchknn",
         shots=args.shots,
         image_size=args.image_size,
         augment=not args.no_augment,
@@ -58,6 +68,15 @@ def _make_detector(args: argparse.Namespace, **extra) -> Detector:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    if args.method is None:
+        try:
+            n_normal = len(expand_inputs(args.train_dir))
+        except ValueError as error:
+            raise ValueError(f"{error}; {ZERO_SHOT_HINT}") from error
+        args.method, shots = choose_setting(n_normal)
+        args.shots = args.shots or shots
+        setting = f"{args.shots}-shot" if args.shots else "full-shot"
+        print(f"{n_normal} normal images: fitting {args.method} {setting}", file=sys.stderr)
     detector = _make_detector(args, fpr=args.fpr, threshold=args.threshold, progress=True)
     detector.fit(args.train_dir)
     path = detector.save(args.output)
@@ -99,10 +118,37 @@ def _write_maps(
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    detector = Detector.load(args.model_dir, weights=args.weights)
+    if args.zero_shot:
+        detector = Detector(
+            backbone=args.backbone,
+            method=MUTUAL,
+            image_size=args.image_size,
+            layers=args.layers,
+            weights=args.weights,
+            threshold=args.threshold,
+            progress=not args.json,
+        )
+        return _write_predictions(args, detector, detector.zero_shot(args.paths), "zero-shot")
+    if len(args.paths) < 2:
+        raise ValueError(
+            "predict needs a model folder and at least one image or folder: "
+            "normalcy predict MODEL_DIR INPUT... (or normalcy predict --zero-shot INPUT...)"
+        )
+    model_dir, inputs = args.paths[0], args.paths[1:]
+    detector = Detector.load(model_dir, weights=args.weights)
     detector.progress = not args.json
     if args.threshold is not None:
         detector.set_threshold(args.threshold)
+    return _write_predictions(args, detector, detector.predict_iter(inputs), str(model_dir))
+
+
+def _write_predictions(
+    args: argparse.Namespace,
+    detector: Detector,
+    outcomes: Iterable[Prediction | ImageLoadError],
+    model: str,
+) -> int:
+    """Print, and write under -o, each prediction; report unreadable inputs."""
     out = Path(args.output) if args.output else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +156,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     vmax = 2 * detector.threshold_ if detector.threshold_ else None
     results, errors, used = [], [], set()
     report_images = []
-    for item in detector.predict_iter(args.inputs):
+    for item in outcomes:
         if isinstance(item, ImageLoadError):
             errors.append({"name": item.source, "error": item.reason})
             print(f"error: {item}", file=sys.stderr)
@@ -128,7 +174,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not args.json:
             decision = {True: "ANOMALOUS", False: "normal", None: "-"}[item.is_anomalous]
             print(f"{item.name}\t{item.score:.4f}\t{decision}")
-    document = {"model": str(args.model_dir), "results": results, "errors": errors}
+    document = {"model": model, "results": results, "errors": errors}
     if out:
         write_atomic(out / "results.json", (json.dumps(document, indent=2) + "\n").encode())
     if args.report:
@@ -184,13 +230,19 @@ def run_eval(
 
         return keep
 
-    summary = evaluate(
-        root,
-        categories,
-        make_detector=lambda: _make_detector(args, progress=args.progress),
-        seed=args.seed,
-        on_sample=hook_for,
-    )
+    methods = EVAL_ALL if args.method == "all" else [args.method or "patchknn"]
+    results = []
+    for method in methods:
+        results += evaluate(
+            root,
+            categories,
+            make_detector=lambda method=method: _make_detector(
+                args, method=method, progress=args.progress
+            ),
+            seeds=range(args.seed, args.seed + args.draws),
+            on_sample=hook_for,
+        )
+    summary = summarize(results)
     if report:
         write_report(
             report,
@@ -239,14 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="learn normality from a folder of normal images")
     fit.add_argument("train_dir")
     fit.add_argument("-o", "--output", required=True, help="model directory to write")
-    _detector_options(fit)
+    _detector_options(fit, sorted(METHODS))
     fit.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate")
     fit.add_argument("--threshold", type=float, default=None, help="fixed score threshold")
     fit.set_defaults(func=cmd_fit)
 
-    predict = sub.add_parser("predict", help="score images with a saved model")
-    predict.add_argument("model_dir")
-    predict.add_argument("inputs", nargs="+", help="image files or folders")
+    predict = sub.add_parser(
+        "predict",
+        help="score images with a saved model, or zero-shot against each other",
+        usage="normalcy predict MODEL_DIR INPUT... [options]\n"
+        "       normalcy predict --zero-shot INPUT... [options]",
+    )
+    predict.add_argument(
+        "paths", nargs="+", metavar="PATH", help="MODEL_DIR then image files or folders"
+    )
+    predict.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="no model: score the inputs against each other (needs at least 3 images)",
+    )
     predict.add_argument("-o", "--output", help="folder for results.json (and maps)")
     predict.add_argument("--json", action="store_true", help="print JSON to stdout")
     predict.add_argument(
@@ -255,13 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=float, default=None, help="override the threshold")
     predict.add_argument("--report", help="write an HTML report to this file")
     predict.add_argument("--weights", default=None, help="backbone weights file to use")
+    zero_shot = predict.add_argument_group("zero-shot feature options")
+    _backbone_options(zero_shot)
     predict.set_defaults(func=cmd_predict)
 
     ev = sub.add_parser("eval", help="benchmark on an MVTec-layout dataset")
     ev.add_argument("dataset_root")
     ev.add_argument("--category", action="append", help="category to evaluate (repeatable)")
-    _detector_options(ev)
-    ev.add_argument("--seed", type=int, default=0, help="few-shot reference draw")
+    _detector_options(ev, [*sorted(METHODS), MUTUAL, "all"])
+    ev.add_argument("--seed", type=int, default=0, help="first few-shot reference draw")
+    ev.add_argument(
+        "--draws", type=int, default=1, help="few-shot: reference draws to average (seed, seed+1..)"
+    )
     ev.add_argument("--json", help="write the results JSON here")
     ev.add_argument("--report", help="write an HTML report here")
     ev.add_argument("--progress", action="store_true", help="show progress bars")
@@ -269,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="fit and evaluate on a built-in sample set, write a report")
     demo.add_argument("-o", "--output", default="normalcy-demo", help="output folder")
-    _detector_options(demo)
+    _detector_options(demo, [*sorted(METHODS), MUTUAL, "all"])
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--draws", type=int, default=1)
     demo.set_defaults(func=cmd_demo)
     return parser
 

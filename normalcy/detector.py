@@ -28,6 +28,7 @@ from normalcy.data import (
     load_many,
 )
 from normalcy.methods import create_method, method_from_state
+from normalcy.methods.mutual import MutualScorer
 from normalcy.postprocess import SIGMA_AT_256, anomaly_map, image_score, threshold_at_fpr
 
 log = logging.getLogger("normalcy")
@@ -37,6 +38,21 @@ MODEL_FORMAT_VERSION = 1
 # Below this many normal images, hold out by leave-one-out rather than a fixed split.
 MIN_IMAGES_FOR_HOLDOUT = 10
 HOLDOUT_EVERY = 10  # every 10th normal image (by sorted name) is held out for the threshold
+MUTUAL = MutualScorer.name
+# Up to this many normal images, few-shot mode (every image in the bank, augmented) is chosen.
+FEW_SHOT_MAX = 16
+ZERO_SHOT_HINT = (
+    "with no normal images, score a batch of images against each other instead: "
+    "normalcy predict --zero-shot INPUT_DIR -o OUT"
+)
+
+
+def choose_setting(n_normal: int) -> tuple[str, int | None]:
+    """Method and shots for the number of normal images a user has: 1-16 few-shot patch kNN
+    (each image matters, so all are kept and augmented), more full-shot patch kNN."""
+    if n_normal < 1:
+        raise ValueError("no normal images to fit; " + ZERO_SHOT_HINT)
+    return "patchknn", (n_normal if n_normal <= FEW_SHOT_MAX else None)
 
 
 @dataclass
@@ -147,6 +163,13 @@ class Detector:
 
     # ----------------------------------------------------------------------- fit
     def _new_method(self, few_shot: bool):
+        if self.method == MUTUAL:
+            raise ValueError(
+                "the mutual method is zero-shot: it needs no fit; call zero_shot(images) "
+                "(CLI: normalcy predict --zero-shot INPUT_DIR -o OUT)"
+            )
+        if self.method != "patchknn":
+            return create_method(self.method)
         ratio = 1.0 if few_shot else self.coreset_ratio
         return create_method(
             self.method, coreset_ratio=ratio, max_bank_size=self.max_bank_size, seed=self.seed
@@ -190,40 +213,53 @@ class Detector:
             if first is None:
                 raise self._unreadable_error()
             self.method_.fit(self._bank_grids(itertools.chain([first], bank_images), few_shot))
-            normal_maps = [
-                p.anomaly_map for p in self._predict_loaded(self._loaded(held, "hold-out"))
+            normal = [
+                (p.score, p.anomaly_map)
+                for p in self._predict_loaded(self._loaded(held, "hold-out"))
             ]
         else:
             references = list(self._loaded(sources, "fit"))
             if not references:
                 raise self._unreadable_error()
-            normal_maps = self._leave_one_out_maps(references, few_shot)
+            normal = self._leave_one_out_scores(references, few_shot)
             self.method_.fit(self._bank_grids(references, few_shot))
         self.n_train_ = len(sources) - len(self.skipped_)
-        self._set_thresholds(normal_maps)
+        self._set_thresholds(normal)
         return self
 
     def _unreadable_error(self) -> ValueError:
         return ValueError("none of the normal images could be read: " + "; ".join(self.skipped_))
 
-    def _leave_one_out_maps(
+    def _leave_one_out_scores(
         self, references: list[LoadedImage], few_shot: bool
-    ) -> list[np.ndarray]:
-        """Maps of each reference scored against a bank of the others."""
+    ) -> list[tuple[float, np.ndarray]]:
+        """Score and map of each reference scored against a model of the others."""
         if len(references) < 2:
             return []
         grids = [list(self._bank_grids([r], few_shot)) for r in references]
-        originals = [views[0] for views in grids]
-        maps = []
+        results = []
         for i, reference in enumerate(references):
             method = self._new_method(few_shot)
-            method.fit(g for j, views in enumerate(grids) if j != i for g in views)
-            scores = method.score(originals[i])
-            maps.append(anomaly_map(scores, reference.image.shape[:2], self.sigma))
-        return maps
+            try:
+                method.fit(g for j, views in enumerate(grids) if j != i for g in views)
+            except ValueError as error:  # e.g. too few images left for a Gaussian
+                log.warning("no leave-one-out score for %s: %s", reference.name, error)
+                continue
+            results.append(self._score_grid(method, grids[i][0], reference.image.shape[:2]))
+        return results
 
-    def _set_thresholds(self, normal_maps: list[np.ndarray]) -> None:
-        scores = np.array([image_score(m) for m in normal_maps])
+    def _score_grid(
+        self, method, grid: np.ndarray, size: tuple[int, int]
+    ) -> tuple[float, np.ndarray]:
+        """Image score and anomaly map (at `size`) of one feature grid."""
+        full = anomaly_map(method.score(grid), size, self.sigma)
+        if hasattr(method, "image_score"):  # methods with their own image-level model
+            return method.image_score(grid), full
+        return image_score(full), full
+
+    def _set_thresholds(self, normal: list[tuple[float, np.ndarray]]) -> None:
+        scores = np.array([score for score, _ in normal])
+        normal_maps = [m for _, m in normal]
         self.normal_scores_ = scores
         if self.threshold is not None:
             self.threshold_ = float(self.threshold)
@@ -252,16 +288,50 @@ class Detector:
         threshold = getattr(self, "threshold_", None)
         pixel_threshold = getattr(self, "pixel_threshold_", None)
         for item, grid in self._grids(images):
-            full = anomaly_map(self.method_.score(grid), item.image.shape[:2], self.sigma)
-            score = image_score(full)
-            yield Prediction(
-                name=item.name,
-                score=score,
-                is_anomalous=None if threshold is None else bool(score > threshold),
-                threshold=threshold,
-                anomaly_map=full,
-                mask=None if pixel_threshold is None else full > pixel_threshold,
-            )
+            score, full = self._score_grid(self.method_, grid, item.image.shape[:2])
+            yield _prediction(item.name, score, full, threshold, pixel_threshold)
+
+    def zero_shot(
+        self, inputs: ImageInput | Sequence[ImageInput]
+    ) -> list[Prediction | ImageLoadError]:
+        """Score unlabelled images against each other (method "mutual"); needs no fit.
+
+        One result per input, in order; unreadable inputs give their error instead. Without
+        normal references there is no false-positive rate to set a threshold from, so
+        decisions are made only with a user threshold (`threshold=`).
+        """
+        if self.method != MUTUAL:
+            raise ValueError(f"zero-shot scoring uses method {MUTUAL!r}, not {self.method!r}")
+        sources = expand_inputs(inputs)
+        results: list[Prediction | ImageLoadError | None] = []
+        readable: list[tuple[int, str, tuple[int, int]]] = []
+        grids: list[np.ndarray] = []
+        bar = tqdm(total=len(sources), desc="features", unit="img", disable=not self.progress)
+        for item in load_many(sources):
+            bar.update()
+            if isinstance(item, ImageLoadError):
+                log.warning("skipped %s", item)
+                results.append(item)
+                continue
+            readable.append((len(results), item.name, item.image.shape[:2]))
+            results.append(None)
+            grids.extend(self._backbone().features([item.image]))
+        bar.close()
+        scorer = MutualScorer()
+        bar = tqdm(
+            total=scorer.n_blocks(grids), desc="mutual", unit="block", disable=not self.progress
+        )
+        patch_scores = scorer.score_batch(grids, on_block=bar.update)
+        bar.close()
+        maps = [
+            anomaly_map(scores, shape, self.sigma)
+            for scores, (_, _, shape) in zip(patch_scores, readable, strict=True)
+        ]
+        image_scores = scorer.rescore(np.array([image_score(m) for m in maps]), grids)
+        self.threshold_ = self.threshold
+        for (position, name, _), score, full in zip(readable, image_scores, maps, strict=True):
+            results[position] = _prediction(name, float(score), full, self.threshold, None)
+        return results  # type: ignore[return-value]
 
     def predict_images(self, images: Iterable[LoadedImage]) -> Iterator[Prediction]:
         """Predictions for already decoded images, in order."""
@@ -432,6 +502,23 @@ class Detector:
         """Fix the image-score threshold (for example from a user's choice)."""
         self.threshold_ = float(threshold)
         self.threshold_source_ = "user"
+
+
+def _prediction(
+    name: str,
+    score: float,
+    full: np.ndarray,
+    threshold: float | None,
+    pixel_threshold: float | None,
+) -> Prediction:
+    return Prediction(
+        name=name,
+        score=score,
+        is_anomalous=None if threshold is None else bool(score > threshold),
+        threshold=threshold,
+        anomaly_map=full,
+        mask=None if pixel_threshold is None else full > pixel_threshold,
+    )
 
 
 def _replaceable(folder: Path) -> bool:

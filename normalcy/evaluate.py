@@ -19,10 +19,11 @@ from normalcy.data import (
     TestSample,
     few_shot_references,
     find_categories,
+    load_image,
     load_many,
     load_mask,
 )
-from normalcy.detector import Detector, Prediction
+from normalcy.detector import MUTUAL, Detector, Prediction
 from normalcy.metrics import aupro, f1_max, image_auroc, pixel_auroc
 
 METRIC_KEYS = (
@@ -42,6 +43,7 @@ class CategoryResult:
     method: str
     backbone: str
     shots: int | None
+    draw: int | None  # few-shot reference draw (seed); None otherwise
     image_auroc: float
     pixel_auroc: float | None
     aupro: float | None
@@ -63,100 +65,176 @@ def peak_rss_mb() -> float:
 SampleHook = Callable[[TestSample, np.ndarray, Prediction], None]
 
 
-def evaluate_category(
-    category: MVTecCategory,
-    detector: Detector,
-    seed: int = 0,
-    on_sample: SampleHook | None = None,
-) -> CategoryResult:
-    """Fit `detector` on the category's normal training images and measure it on its test set."""
+Scored = list[tuple[TestSample, Prediction]]
+
+
+def _scored_by_fitting(
+    category: MVTecCategory, detector: Detector, seed: int, on_sample: SampleHook | None
+) -> tuple[float, float, Scored]:
+    """Fit on the category's normal images, then predict each test image: fit seconds,
+    predict seconds and (sample, prediction) for every readable test image."""
     train = category.train
     if detector.shots is not None:
         train = few_shot_references(train, detector.shots, seed)
     start = time.perf_counter()
     detector.fit(train)
     fit_seconds = time.perf_counter() - start
-
-    samples: list[TestSample] = []
-    labels: list[int] = []
-    scores: list[float] = []
-    masks: list[np.ndarray] = []
-    maps: list[np.ndarray] = []
+    scored = []
     predict_seconds = 0.0
-    loaded = load_many([s.path for s in category.test])
-    start = time.perf_counter()
-    for sample, item in zip(category.test, loaded, strict=True):
+    for sample, item in zip(category.test, load_many([s.path for s in category.test]), strict=True):
         if isinstance(item, ImageLoadError):
             print(f"warning: skipped test image {item}", file=sys.stderr)
             continue
+        start = time.perf_counter()
         prediction = next(detector.predict_images([item]))
         predict_seconds += time.perf_counter() - start
-        samples.append(sample)
-        labels.append(sample.label)
-        scores.append(prediction.score)
-        if category.has_masks:
-            shape = item.image.shape[:2]
-            masks.append(
-                load_mask(sample.mask_path, shape)
-                if sample.mask_path is not None
-                else np.zeros(shape, dtype=bool)
-            )
-            maps.append(prediction.anomaly_map)
+        scored.append((sample, prediction))
         if on_sample is not None:
             on_sample(sample, item.image, prediction)
-        start = time.perf_counter()
+    return fit_seconds, predict_seconds, scored
 
+
+def _scored_zero_shot(
+    category: MVTecCategory, detector: Detector, on_sample: SampleHook | None
+) -> tuple[float, float, Scored]:
+    """The whole test set scored as one unlabelled batch; nothing is fitted."""
+    start = time.perf_counter()
+    outcomes = detector.zero_shot([s.path for s in category.test])
+    predict_seconds = time.perf_counter() - start
+    scored = []
+    for sample, outcome in zip(category.test, outcomes, strict=True):
+        if isinstance(outcome, ImageLoadError):
+            print(f"warning: skipped test image {outcome}", file=sys.stderr)
+        else:
+            scored.append((sample, outcome))
+            if on_sample is not None:
+                on_sample(sample, load_image(sample.path), outcome)
+    return 0.0, predict_seconds, scored
+
+
+def evaluate_category(
+    category: MVTecCategory,
+    detector: Detector,
+    seed: int = 0,
+    on_sample: SampleHook | None = None,
+) -> CategoryResult:
+    """Fit `detector` on the category's normal training images (zero-shot: nothing) and
+    measure it on its test set."""
+    if detector.method == MUTUAL:
+        fit_seconds, predict_seconds, scored = _scored_zero_shot(category, detector, on_sample)
+    else:
+        fit_seconds, predict_seconds, scored = _scored_by_fitting(
+            category, detector, seed, on_sample
+        )
+    labels = [sample.label for sample, _ in scored]
+    scores = [prediction.score for _, prediction in scored]
     pixel = region = None
-    if category.has_masks and any(m.any() for m in masks):
-        pixel = pixel_auroc(masks, maps)
-        region = aupro(masks, maps)
+    if category.has_masks:
+        maps = [prediction.anomaly_map for _, prediction in scored]
+        masks = [
+            load_mask(sample.mask_path, m.shape)
+            if sample.mask_path is not None
+            else np.zeros(m.shape, dtype=bool)
+            for (sample, _), m in zip(scored, maps, strict=True)
+        ]
+        if any(m.any() for m in masks):
+            pixel = pixel_auroc(masks, maps)
+            region = aupro(masks, maps)
     return CategoryResult(
         category=category.name,
         method=detector.method,
         backbone=detector.backbone,
         shots=detector.shots,
+        draw=seed if detector.shots is not None else None,
         image_auroc=image_auroc(labels, scores),
         pixel_auroc=pixel,
         aupro=region,
         image_f1_max=f1_max(labels, scores),
         fit_seconds=fit_seconds,
-        predict_ms_per_image=1000 * predict_seconds / max(1, len(samples)),
+        predict_ms_per_image=1000 * predict_seconds / max(1, len(scored)),
         peak_rss_mb=peak_rss_mb(),
-        n_train=detector.n_train_,
-        n_test=len(samples),
+        n_train=getattr(detector, "n_train_", 0),
+        n_test=len(scored),
     )
 
 
+def _mean(rows: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r[key] is not None]
+    return float(np.mean(values)) if values else None
+
+
 def summarize(results: Sequence[CategoryResult]) -> dict[str, Any]:
-    """The eval JSON: per-category rows and their mean over categories."""
-    mean: dict[str, float | None] = {}
-    for key in METRIC_KEYS:
-        values = [getattr(r, key) for r in results if getattr(r, key) is not None]
-        mean[key] = float(np.mean(values)) if values else None
-    return {"results": [asdict(r) for r in results], "mean": mean}
+    """The eval JSON: per-category rows, and for each setting (method, backbone, shots) the
+    mean over categories and draws, with the spread (standard deviation) over draws.
+
+    `mean` is the single setting's mean; with several settings it is null and `settings`
+    holds each one's.
+    """
+    rows = [asdict(r) for r in results]
+    settings: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        settings.setdefault((row["method"], row["backbone"], row["shots"]), []).append(row)
+    groups = []
+    for (method, backbone, shots), members in settings.items():
+        draws: dict[Any, list[dict[str, Any]]] = {}
+        for row in members:
+            draws.setdefault(row["draw"], []).append(row)
+        spread = None
+        if len(draws) > 1:
+            spread = {}
+            for key in METRIC_KEYS:
+                per_draw = [_mean(d, key) for d in draws.values()]
+                known = [v for v in per_draw if v is not None]
+                spread[key] = float(np.std(known)) if known else None
+        groups.append(
+            {
+                "method": method,
+                "backbone": backbone,
+                "shots": shots,
+                "n_draws": len(draws),
+                "mean": {key: _mean(members, key) for key in METRIC_KEYS},
+                "spread": spread,
+            }
+        )
+    return {
+        "results": rows,
+        "mean": groups[0]["mean"] if len(groups) == 1 else None,
+        "settings": groups,
+    }
 
 
 def evaluate(
     root: str | Path,
     categories: Sequence[str] | None = None,
     make_detector: Callable[[], Detector] = Detector,
-    seed: int = 0,
+    seeds: Sequence[int] = (0,),
     on_sample: Callable[[str], SampleHook | None] | None = None,
-) -> dict[str, Any]:
-    """Evaluate a fresh detector on each category of an MVTec-layout dataset."""
+) -> list[CategoryResult]:
+    """Evaluate a fresh detector on each category of an MVTec-layout dataset, once per
+    few-shot reference draw in `seeds` (full-shot and zero-shot run once)."""
     results = []
     for category in find_categories(root, categories):
         hook = on_sample(category.name) if on_sample else None
-        results.append(evaluate_category(category, make_detector(), seed, hook))
-    return summarize(results)
+        for index, seed in enumerate(seeds):
+            detector = make_detector()
+            if index and detector.shots is None:
+                break
+            results.append(evaluate_category(category, detector, seed, hook if not index else None))
+    return results
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """A plain-text table of an eval summary."""
-    columns = ["category", "method", "backbone", "shots", *METRIC_KEYS]
+    """A plain-text table of an eval summary: one line per result, then per setting its mean
+    (and its spread over draws, as +-)."""
+    columns = ["category", "method", "backbone", "shots", "draw", *METRIC_KEYS]
     rows = [[_cell(row.get(c)) for c in columns] for row in summary["results"]]
     if len(rows) > 1:
-        rows.append(["mean", "", "", ""] + [_cell(summary["mean"][k]) for k in METRIC_KEYS])
+        for group in summary["settings"]:
+            setting = [_cell(group[c]) for c in ("method", "backbone", "shots")]
+            rows.append(["mean", *setting, ""] + [_cell(group["mean"][k]) for k in METRIC_KEYS])
+            if group["spread"]:
+                spread = ["+-" + _cell(group["spread"][k]) for k in METRIC_KEYS]
+                rows.append(["spread", *setting, f"{group['n_draws']} draws", *spread])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]

@@ -31,6 +31,7 @@ RESULT_KEYS = METRIC_KEYS | {
     "method",
     "backbone",
     "shots",
+    "draw",
     "n_train",
     "n_test",
 }
@@ -172,7 +173,7 @@ def test_eval_writes_the_documented_json_and_a_report(
     code = main(["eval", str(dataset.parent), *FAST, "--json", str(out), "--report", str(report)])
     assert code == 0
     summary = json.loads(out.read_text())
-    assert set(summary) == {"results", "mean"}
+    assert set(summary) == {"results", "mean", "settings"}
     (row,) = summary["results"]
     assert set(row) == RESULT_KEYS
     assert row["category"] == "woven_fabric" and row["method"] == "patchknn"
@@ -195,6 +196,86 @@ def test_eval_of_a_single_category_folder_in_few_shot(
     assert main(["eval", str(dataset), *FAST, "--shots", "2", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["results"]
     assert row["shots"] == 2 and row["n_train"] == 2 and row["n_test"] == 10
+
+
+def test_eval_over_several_draws_reports_mean_and_spread(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.json"
+    args = ["eval", str(dataset), *FAST, "--shots", "1", "--draws", "3", "--json", str(out)]
+    assert main(args) == 0
+    summary = json.loads(out.read_text())
+    assert [r["draw"] for r in summary["results"]] == [0, 1, 2]
+    (setting,) = summary["settings"]
+    assert setting["n_draws"] == 3 and setting["shots"] == 1
+    aurocs = [r["image_auroc"] for r in summary["results"]]
+    assert setting["mean"]["image_auroc"] == pytest.approx(np.mean(aurocs))
+    assert setting["spread"]["image_auroc"] == pytest.approx(np.std(aurocs))
+    assert "spread" in capsys.readouterr().out
+
+
+def test_eval_of_all_methods_gives_one_table(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.json"
+    assert main(["eval", str(dataset), *FAST, "--method", "all", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert [r["method"] for r in summary["results"]] == ["patchknn", "gaussian", "mutual"]
+    assert summary["mean"] is None and len(summary["settings"]) == 3
+    mutual = summary["results"][2]
+    assert mutual["n_train"] == 0 and mutual["fit_seconds"] == 0 and mutual["n_test"] == 10
+    assert all(0 <= r["image_auroc"] <= 1 for r in summary["results"])
+    table = capsys.readouterr().out
+    assert all(m in table for m in ("patchknn", "gaussian", "mutual"))
+
+
+def test_predict_zero_shot_needs_no_model(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = sorted((dataset / "test").rglob("*.png"))
+    out = tmp_path / "zs"
+    code = main(["predict", "--zero-shot", *map(str, inputs), *FAST, "-o", str(out), "--maps"])
+    assert code == 0
+    document = json.loads((out / "results.json").read_text())
+    assert document["model"] == "zero-shot" and len(document["results"]) == len(inputs)
+    assert all(r["is_anomalous"] is None for r in document["results"])
+    assert (out / f"{inputs[0].stem}_overlay.png").is_file()
+
+
+def test_predict_zero_shot_on_too_few_images_exits_2_with_the_reason(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = sorted((dataset / "test" / "good").glob("*.png"))[:2]
+    assert main(["predict", "--zero-shot", *map(str, inputs), *FAST]) == 2
+    assert "at least 3 images" in capsys.readouterr().err
+
+
+def test_predict_without_inputs_explains_the_usage(
+    model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", str(model)]) == 2
+    assert "MODEL_DIR INPUT" in capsys.readouterr().err
+
+
+def test_fit_without_a_method_picks_few_shot_for_few_images(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = tmp_path / "few"
+    train.mkdir()
+    for path in sorted((dataset / "train" / "good").glob("*.png"))[:3]:
+        (train / path.name).write_bytes(path.read_bytes())
+    assert main(["fit", str(train), "-o", str(tmp_path / "m"), *FAST]) == 0
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["shots"] == 3 and config["method"]["name"] == "patchknn"
+    assert "3-shot" in capsys.readouterr().err
+
+
+def test_fit_on_an_empty_folder_points_to_zero_shot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["fit", str(tmp_path / "empty"), "-o", str(tmp_path / "m"), *FAST]) == 2
+    assert "--zero-shot" in capsys.readouterr().err
 
 
 def test_eval_without_a_train_folder_exits_2_naming_the_root(

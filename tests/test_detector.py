@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from normalcy import Detector, Prediction
 from normalcy.data import ImageLoadError
-from normalcy.detector import MODEL_FORMAT_VERSION, augmentations
+from normalcy.detector import MODEL_FORMAT_VERSION, augmentations, choose_setting
 
 HEIGHT, WIDTH, SQUARE = 80, 96, 16
 OPTIONS = {"backbone": "efficientnet_lite0", "image_size": 64}
@@ -410,3 +410,70 @@ def test_loading_with_weights_that_differ_in_a_later_layer_is_refused(
     save_file(state, str(other))
     with pytest.raises(ValueError, match="weights"):
         Detector.load(saved, weights=other)
+
+
+# ------------------------------------------------------------------ gaussian
+def test_gaussian_method_separates_and_round_trips(
+    data: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    detector = Detector(method="gaussian", **OPTIONS).fit(data["train"][0].parent)
+    good, bad = _scores(detector.predict(data["good"])), _scores(detector.predict(data["bad"]))
+    assert bad.min() > good.max()
+    assert detector.threshold_ is not None and len(detector.normal_scores_) == 2
+    loaded = Detector.load(detector.save(tmp_path / "gauss"))
+    assert loaded.method == "gaussian"
+    np.testing.assert_allclose(_scores(loaded.predict(data["bad"])), bad, rtol=1e-5)
+
+
+# ----------------------------------------------------------------- zero-shot
+def test_zero_shot_ranks_defects_first_without_references(data: dict[str, list[Path]]) -> None:
+    batch = data["train"][:12] + data["bad"][:2]
+    results = Detector(method="mutual", **OPTIONS).zero_shot(batch)
+    scores = _scores(results)
+    assert scores[12:].min() > scores[:12].max()
+    assert all(r.is_anomalous is None and r.anomaly_map.shape == (HEIGHT, WIDTH) for r in results)
+
+
+def test_zero_shot_reports_unreadable_files_in_place_and_uses_a_given_threshold(
+    data: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    batch = data["train"][:5] + [broken] + data["bad"][:1]
+    results = Detector(method="mutual", threshold=0.0, **OPTIONS).zero_shot(batch)
+    assert isinstance(results[5], ImageLoadError) and "broken.png" in str(results[5])
+    assert [r.is_anomalous for i, r in enumerate(results) if i != 5] == [True] * 6
+
+
+def test_zero_shot_refuses_a_batch_too_small_to_compare(data: dict[str, list[Path]]) -> None:
+    with pytest.raises(ValueError, match="at least 3 images"):
+        Detector(method="mutual", **OPTIONS).zero_shot(data["train"][:2])
+
+
+def test_fitting_the_zero_shot_method_explains_how_to_use_it(
+    data: dict[str, list[Path]],
+) -> None:
+    with pytest.raises(ValueError, match="zero-shot"):
+        Detector(method="mutual", **OPTIONS).fit(data["train"])
+    with pytest.raises(ValueError, match="mutual"):
+        Detector(**OPTIONS).zero_shot(data["train"])
+
+
+@pytest.mark.parametrize(
+    ("n_normal", "expected"),
+    [
+        (1, ("patchknn", 1)),
+        (16, ("patchknn", 16)),
+        (17, ("patchknn", None)),
+        (900, ("patchknn", None)),
+    ],
+)
+def test_setting_is_chosen_from_the_number_of_normal_images(
+    n_normal: int, expected: tuple[str, int | None]
+) -> None:
+    assert choose_setting(n_normal) == expected
+
+
+def test_no_normal_images_points_to_zero_shot() -> None:
+    with pytest.raises(ValueError, match="--zero-shot"):
+        choose_setting(0)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from normalcy.methods.gaussian import GaussianScorer
 from normalcy.methods.patchknn import PatchKNN
 
-METHODS: dict[str, type] = {PatchKNN.name: PatchKNN}
+METHODS: dict[str, type] = {PatchKNN.name: PatchKNN, GaussianScorer.name: GaussianScorer}
 
 
 def create_method(name: str, **params: Any):

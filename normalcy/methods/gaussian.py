@@ -1,0 +1,151 @@
+"""A multivariate Gaussian of normal features, scored by Mahalanobis distance (Rippel et al.).
+
+Two Gaussians are fitted from the same feature grids: one of whole-image features (the grid's
+mean over positions) for the image score, one of single patches for the anomaly map. Both use
+Ledoit-Wolf shrinkage, so the covariance stays invertible with fewer images than dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+
+class Moments:
+    """Running sums from which the mean and the Ledoit-Wolf covariance follow exactly.
+
+    The centred fourth moments that Ledoit-Wolf needs are expanded into raw sums, so the
+    samples are seen once and never stored.
+    """
+
+    def __init__(self, dims: int) -> None:
+        self.n = 0
+        self.sum = np.zeros(dims)
+        self.outer = np.zeros((dims, dims))
+        self.sq_norm = 0.0  # sum of |x|^2
+        self.sq_norm_sq = 0.0  # sum of |x|^4
+        self.sq_norm_x = np.zeros(dims)  # sum of |x|^2 x
+
+    def add(self, samples: np.ndarray) -> None:
+        x = np.asarray(samples, dtype=np.float64).reshape(-1, self.sum.size)
+        norms = np.einsum("ij,ij->i", x, x)
+        self.n += len(x)
+        self.sum += x.sum(axis=0)
+        self.outer += x.T @ x
+        self.sq_norm += norms.sum()
+        self.sq_norm_sq += (norms**2).sum()
+        self.sq_norm_x += norms @ x
+
+    def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Mean, Ledoit-Wolf shrunk covariance and the shrinkage used (0 = none, 1 = all)."""
+        if self.n < 2:
+            raise ValueError(f"a Gaussian needs at least 2 samples, got {self.n}")
+        n, p = self.n, self.sum.size
+        mean = self.sum / n
+        cov = self.outer / n - np.outer(mean, mean)
+        m2 = mean @ mean
+        # sum over samples of |x - mean|^4, from the raw sums
+        fourth = (
+            self.sq_norm_sq
+            + 4 * mean @ self.outer @ mean
+            + n * m2**2
+            - 4 * mean @ self.sq_norm_x
+            + 2 * m2 * self.sq_norm
+            - 4 * m2 * (mean @ self.sum)
+        )
+        scale = np.trace(cov) / p
+        target_gap = ((cov - scale * np.eye(p)) ** 2).sum() / p
+        spread = max(fourth / n - (cov**2).sum(), 0.0) / (n * p)
+        shrinkage = 0.0 if target_gap == 0 else min(spread, target_gap) / target_gap
+        shrunk = (1 - shrinkage) * cov + shrinkage * scale * np.eye(p)
+        return mean, shrunk, float(shrinkage)
+
+
+def whitening(cov: np.ndarray, low_variance_fraction: float | None) -> np.ndarray:
+    """A (dims, k) matrix W with |W^T (x - mean)| the Mahalanobis distance.
+
+    With `low_variance_fraction`, only the smallest-variance principal components that together
+    hold that fraction of the variance are kept: Rippel et al. find anomalies live there.
+    """
+    eigenvalues, eigenvectors = np.linalg.eigh(cov)
+    eigenvalues = np.maximum(eigenvalues, eigenvalues.max() * 1e-12)
+    if low_variance_fraction is not None:
+        if not 0 < low_variance_fraction <= 1:
+            raise ValueError(
+                f"low_variance_fraction must be in (0, 1], got {low_variance_fraction}"
+            )
+        share = np.cumsum(eigenvalues) / eigenvalues.sum()  # ascending eigenvalues
+        keep = max(1, int(np.searchsorted(share, low_variance_fraction, side="right")))
+        eigenvalues, eigenvectors = eigenvalues[:keep], eigenvectors[:, :keep]
+    return eigenvectors / np.sqrt(eigenvalues)
+
+
+class GaussianScorer:
+    """Mahalanobis distance to Gaussians of normal image features and normal patch features.
+
+    low_variance_fraction: keep only the principal components of smallest variance that hold
+        this share of the variance (None keeps all).
+    """
+
+    name = "gaussian"
+
+    def __init__(self, low_variance_fraction: float | None = None) -> None:
+        self.low_variance_fraction = low_variance_fraction
+
+    def get_params(self) -> dict[str, Any]:
+        return {"low_variance_fraction": self.low_variance_fraction}
+
+    def fit(self, features: Iterable[np.ndarray]) -> GaussianScorer:
+        """Fit both Gaussians from per-image feature grids (h, w, C)."""
+        patches = images = None
+        for grid in features:
+            flat = grid.reshape(-1, grid.shape[-1])
+            if patches is None:
+                patches, images = Moments(flat.shape[1]), Moments(flat.shape[1])
+            patches.add(flat)
+            images.add(flat.mean(axis=0))
+        if images is None or images.n < 2:
+            raise ValueError("the gaussian method needs at least 2 normal images")
+        self.image_mean_, image_cov, self.image_shrinkage_ = images.mean_and_covariance()
+        self.patch_mean_, patch_cov, self.patch_shrinkage_ = patches.mean_and_covariance()
+        self.image_whitening_ = whitening(image_cov, self.low_variance_fraction)
+        self.patch_whitening_ = whitening(patch_cov, self.low_variance_fraction)
+        return self
+
+    def _check_fitted(self, grid: np.ndarray) -> None:
+        if not hasattr(self, "patch_mean_"):
+            raise RuntimeError("GaussianScorer is not fitted: call fit() first")
+        if grid.shape[-1] != self.patch_mean_.size:
+            raise ValueError(
+                f"features have {grid.shape[-1]} dims, the model has {self.patch_mean_.size}"
+            )
+
+    def score(self, grid: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each patch of an (h, w, C) grid: (h, w)."""
+        self._check_fitted(grid)
+        flat = grid.reshape(-1, grid.shape[-1]) - self.patch_mean_
+        distances = np.linalg.norm(flat @ self.patch_whitening_, axis=1)
+        return distances.reshape(grid.shape[:-1]).astype(np.float32)
+
+    def image_score(self, grid: np.ndarray) -> float:
+        """Mahalanobis distance of the image's mean feature."""
+        self._check_fitted(grid)
+        pooled = grid.reshape(-1, grid.shape[-1]).mean(axis=0) - self.image_mean_
+        return float(np.linalg.norm(pooled @ self.image_whitening_))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "image_mean": self.image_mean_,
+            "image_whitening": self.image_whitening_,
+            "patch_mean": self.patch_mean_,
+            "patch_whitening": self.patch_whitening_,
+        }
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> GaussianScorer:
+        method = cls(**params)
+        for key in ("image_mean", "image_whitening", "patch_mean", "patch_whitening"):
+            setattr(method, key + "_", np.asarray(arrays[key], dtype=np.float64))
+        return method

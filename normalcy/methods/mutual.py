@@ -1,0 +1,167 @@
+"""Zero-shot mutual scoring (MuSc-style): the images of an unlabelled batch score each other.
+
+Defects are rare and differ from image to image, while normal texture recurs in almost every
+image. So a patch is scored by its distances to the nearest patches of each other image, and
+only the smallest share of those distances counts: a defect that a few other images share
+cannot vouch for itself. Scores are averaged over several neighbourhood sizes, so both small
+and large defects show; image scores are then smoothed over each image's most similar images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Fewer images than this make "what most images look like" meaningless.
+MIN_BATCH = 3
+# Size of one block of the pairwise patch-distance computation (patches per side).
+BLOCK_PATCHES = 8192
+
+
+def neighbourhood_features(grid: np.ndarray, size: int) -> torch.Tensor:
+    """(h*w, C) patch features averaged over `size` x `size` neighbourhoods, L2-normalised."""
+    tensor = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32)).permute(2, 0, 1)
+    if size > 1:
+        tensor = F.avg_pool2d(
+            tensor[None], size, stride=1, padding=size // 2, count_include_pad=False
+        )[0]
+    return F.normalize(tensor.flatten(1).T, dim=1)
+
+
+def _blocks(lengths: Sequence[int], limit: int) -> list[list[int]]:
+    """Consecutive image indices grouped so each group has about `limit` patches at most."""
+    groups: list[list[int]] = [[]]
+    total = 0
+    for index, length in enumerate(lengths):
+        if groups[-1] and total + length > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(index)
+        total += length
+    return groups
+
+
+def nearest_distances(
+    patches: Sequence[torch.Tensor],
+    block_patches: int = BLOCK_PATCHES,
+    on_block: Callable[[], None] | None = None,
+) -> list[torch.Tensor]:
+    """For every image i, an (n_i, N) table: distance of each of its patches to the nearest
+    patch of image j (infinite for j = i).
+
+    The distance matrix is computed block by block over pairs of image groups, each block once:
+    its row minima and column minima serve both sides.
+    """
+    count = len(patches)
+    lengths = [len(p) for p in patches]
+    tables = [torch.full((n, count), math.inf) for n in lengths]
+    groups = _blocks(lengths, block_patches)
+    stacked = [torch.cat([patches[i] for i in g]) for g in groups]
+    offsets = [np.cumsum([0] + [lengths[i] for i in g]) for g in groups]
+    for a, group_a in enumerate(groups):
+        for b in range(a, len(groups)):
+            group_b = groups[b]
+            squared = torch.cdist(stacked[a], stacked[b]).square_()
+            for col, j in enumerate(group_b):
+                lo, hi = offsets[b][col], offsets[b][col + 1]
+                nearest_in_j = squared[:, lo:hi].amin(dim=1)
+                for row, i in enumerate(group_a):
+                    if i != j:
+                        tables[i][:, j] = nearest_in_j[offsets[a][row] : offsets[a][row + 1]]
+            if b != a:
+                for row, i in enumerate(group_a):
+                    lo, hi = offsets[a][row], offsets[a][row + 1]
+                    nearest_in_i = squared[lo:hi].amin(dim=0)
+                    for col, j in enumerate(group_b):
+                        tables[j][:, i] = nearest_in_i[offsets[b][col] : offsets[b][col + 1]]
+            if on_block is not None:
+                on_block()
+    return [t.clamp_(min=0).sqrt_() for t in tables]
+
+
+def mean_of_smallest(table: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per row, the mean of the smallest `fraction` of its finite entries (at least one)."""
+    others = table.shape[1] - 1
+    k = max(1, round(fraction * others))
+    return torch.topk(table, k, dim=1, largest=False).values.mean(dim=1)
+
+
+def rescore(scores: np.ndarray, global_features: np.ndarray, neighbours: int) -> np.ndarray:
+    """Each image score averaged with those of its `neighbours` most similar images (cosine
+    similarity of global features): an isolated high score among look-alikes is damped."""
+    if neighbours < 1 or len(scores) < 2:
+        return np.asarray(scores, dtype=np.float64)
+    feats = global_features / np.linalg.norm(global_features, axis=1, keepdims=True)
+    similarity = feats @ feats.T
+    np.fill_diagonal(similarity, -np.inf)
+    k = min(neighbours, len(scores) - 1)
+    nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    scores = np.asarray(scores, dtype=np.float64)
+    return (scores + scores[nearest].mean(axis=1)) / 2
+
+
+class MutualScorer:
+    """Scores a batch of images against each other; needs no normal references.
+
+    neighbourhoods: patch-aggregation sizes whose score maps are averaged.
+    vouch_fraction: share of the other images whose nearest-patch distances are averaged.
+    rescore_neighbours: image scores are averaged with this many most similar images' (0: off).
+    """
+
+    name = "mutual"
+
+    def __init__(
+        self,
+        neighbourhoods: Sequence[int] = (1, 3, 5),
+        vouch_fraction: float = 0.3,
+        rescore_neighbours: int = 8,
+        block_patches: int = BLOCK_PATCHES,
+    ) -> None:
+        if not 0 < vouch_fraction <= 1:
+            raise ValueError(f"vouch_fraction must be in (0, 1], got {vouch_fraction}")
+        if not neighbourhoods or any(n < 1 or n % 2 == 0 for n in neighbourhoods):
+            raise ValueError(f"neighbourhoods must be odd sizes >= 1, got {neighbourhoods}")
+        self.neighbourhoods = tuple(neighbourhoods)
+        self.vouch_fraction = vouch_fraction
+        self.rescore_neighbours = rescore_neighbours
+        self.block_patches = block_patches
+
+    def get_params(self) -> dict[str, Any]:
+        return {
+            "neighbourhoods": list(self.neighbourhoods),
+            "vouch_fraction": self.vouch_fraction,
+            "rescore_neighbours": self.rescore_neighbours,
+        }
+
+    def n_blocks(self, grids: Sequence[np.ndarray]) -> int:
+        """How many distance blocks `score_batch` computes (for progress bars)."""
+        groups = len(_blocks([g.shape[0] * g.shape[1] for g in grids], self.block_patches))
+        return len(self.neighbourhoods) * groups * (groups + 1) // 2
+
+    @torch.inference_mode()
+    def score_batch(
+        self, grids: Sequence[np.ndarray], on_block: Callable[[], None] | None = None
+    ) -> list[np.ndarray]:
+        """Patch anomaly scores (h, w) for each (h, w, C) grid of the batch."""
+        if len(grids) < MIN_BATCH:
+            raise ValueError(
+                f"zero-shot scoring compares the images of a batch with each other and needs "
+                f"at least {MIN_BATCH} images, got {len(grids)}; dozens or more make it reliable"
+            )
+        total = [np.zeros(g.shape[:2], dtype=np.float64) for g in grids]
+        for size in self.neighbourhoods:
+            patches = [neighbourhood_features(g, size) for g in grids]
+            tables = nearest_distances(patches, self.block_patches, on_block)
+            for acc, table, grid in zip(total, tables, grids, strict=True):
+                acc += mean_of_smallest(table, self.vouch_fraction).numpy().reshape(grid.shape[:2])
+        return [(acc / len(self.neighbourhoods)).astype(np.float32) for acc in total]
+
+    def rescore(self, scores: np.ndarray, grids: Sequence[np.ndarray]) -> np.ndarray:
+        """Image scores smoothed over similar images (global feature: the grid's mean)."""
+        global_features = np.stack([g.reshape(-1, g.shape[-1]).mean(axis=0) for g in grids])
+        return rescore(scores, global_features, self.rescore_neighbours)

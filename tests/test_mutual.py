@@ -1,0 +1,116 @@
+"""Tests for normalcy.methods.mutual (zero-shot scoring within a batch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from normalcy.methods.mutual import (
+    MutualScorer,
+    mean_of_smallest,
+    nearest_distances,
+    neighbourhood_features,
+    rescore,
+)
+
+DIM = 16
+
+
+def _batch(n: int, planted: set[int], seed: int = 0) -> list[np.ndarray]:
+    """Grids of mixed sizes built from shared prototypes; `planted` images get a 2x2 defect."""
+    rng = np.random.default_rng(seed)
+    prototypes = np.random.default_rng(99).standard_normal((4, DIM))
+    grids = []
+    for i in range(n):
+        size = (8, 10) if i % 2 else (9, 7)
+        grid = prototypes[rng.integers(0, 4, size)] + 0.05 * rng.standard_normal((*size, DIM))
+        if i in planted:
+            grid[2:4, 3:5] = 2 * rng.standard_normal((2, 2, DIM))
+        grids.append(grid.astype(np.float32))
+    return grids
+
+
+def test_planted_defects_score_above_normal_patches() -> None:
+    planted = {0, 5}
+    grids = _batch(12, planted)
+    maps = MutualScorer().score_batch(grids)
+    for i in planted:
+        defect = maps[i][2:4, 3:5]
+        rest = np.delete(maps[i].ravel(), [2 * maps[i].shape[1] + c for c in (3, 4)])
+        assert defect.min() > rest.mean() * 2
+    normal_peak = max(maps[i].max() for i in range(12) if i not in planted)
+    assert min(maps[i][2:4, 3:5].mean() for i in planted) > normal_peak
+
+
+def test_scores_do_not_depend_on_image_order_or_block_size() -> None:
+    grids = _batch(9, {3})
+    maps = MutualScorer(block_patches=150).score_batch(grids)
+    order = np.random.default_rng(4).permutation(9)
+    shuffled = MutualScorer(block_patches=100_000).score_batch([grids[i] for i in order])
+    for position, original in enumerate(order):
+        np.testing.assert_allclose(shuffled[position], maps[original], rtol=1e-5, atol=1e-6)
+
+
+def test_nearest_distances_match_brute_force() -> None:
+    rng = np.random.default_rng(2)
+    patches = [
+        torch.from_numpy(rng.standard_normal((n, DIM)).astype(np.float32)) for n in (5, 9, 4)
+    ]
+    tables = nearest_distances(patches, block_patches=6)
+    for i, table in enumerate(tables):
+        assert torch.isinf(table[:, i]).all()
+        for j, other in enumerate(patches):
+            if j != i:
+                expected = torch.cdist(patches[i].double(), other.double()).amin(dim=1)
+                torch.testing.assert_close(table[:, j].double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_defect_shared_by_a_few_images_still_stands_out() -> None:
+    # with 3 of 20 images sharing the same defect, the smallest 30% of distances reach images
+    # without it, so the defect does not vouch for itself
+    rng = np.random.default_rng(3)
+    grids = _batch(20, set())
+    defect = 2 * rng.standard_normal(DIM).astype(np.float32)
+    for i in (1, 2, 3):
+        grids[i][4, 4] = defect
+    maps = MutualScorer(neighbourhoods=(1,)).score_batch(grids)
+    assert maps[1][4, 4] > 5 * np.median(maps[1])
+
+
+def test_mean_of_smallest_ignores_the_image_itself() -> None:
+    table = torch.tensor([[np.inf, 1.0, 2.0, 3.0, 4.0]])
+    assert mean_of_smallest(table, 0.5).item() == pytest.approx(1.5)
+    assert mean_of_smallest(table, 0.01).item() == pytest.approx(1.0)
+
+
+def test_neighbourhood_features_are_unit_length_averages() -> None:
+    grid = np.random.default_rng(0).standard_normal((4, 5, DIM)).astype(np.float32)
+    single = neighbourhood_features(grid, 1)
+    np.testing.assert_allclose(
+        single.numpy(),
+        grid.reshape(-1, DIM) / np.linalg.norm(grid.reshape(-1, DIM), axis=1, keepdims=True),
+        rtol=1e-5,
+    )
+    pooled = neighbourhood_features(grid, 3)
+    centre = grid[0:3, 0:3].reshape(-1, DIM).mean(axis=0)
+    np.testing.assert_allclose(
+        pooled[1 * 5 + 1].numpy(), centre / np.linalg.norm(centre), rtol=1e-5
+    )
+    np.testing.assert_allclose(torch.linalg.norm(pooled, dim=1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_rescoring_damps_an_isolated_high_score_among_look_alikes() -> None:
+    features = np.array([[1.0, 0.0], [0.99, 0.1], [0.98, 0.12], [0.0, 1.0], [0.1, 0.99]])
+    scores = np.array([5.0, 1.0, 1.0, 3.0, 3.0])
+    smoothed = rescore(scores, features, neighbours=1)
+    assert smoothed[0] == pytest.approx((5 + 1) / 2)
+    assert smoothed[3] == pytest.approx(3.0)
+    np.testing.assert_allclose(rescore(scores, features, neighbours=0), scores)
+
+
+def test_too_small_a_batch_is_refused_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="at least 3 images"):
+        MutualScorer().score_batch(_batch(2, set()))
+    with pytest.raises(ValueError, match="odd"):
+        MutualScorer(neighbourhoods=(2,))
