@@ -88,7 +88,8 @@ class Detector:
     """Anomaly detector over frozen backbone features.
 
     backbone, image_size, layers: the feature extractor (short side resized to image_size).
-    method: the scoring method ("patchknn").
+    method: "patchknn" (nearest normal patch), "gaussian" (Mahalanobis distance), or "mutual"
+        (zero-shot: no fit, use `zero_shot`).
     shots: few-shot mode; None uses every normal image given to `fit`.
     augment: in few-shot mode, add rotated and mirrored views of the references.
     fpr: target false-positive rate on held-out normal images for the decision threshold.

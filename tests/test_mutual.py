@@ -55,7 +55,8 @@ def test_scores_do_not_depend_on_image_order_or_block_size() -> None:
 def test_nearest_distances_match_brute_force() -> None:
     rng = np.random.default_rng(2)
     patches = [
-        torch.from_numpy(rng.standard_normal((n, DIM)).astype(np.float32)) for n in (5, 9, 4)
+        torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((n, DIM))).float())
+        for n in (5, 9, 4)
     ]
     tables = nearest_distances(patches, block_patches=6)
     for i, table in enumerate(tables):

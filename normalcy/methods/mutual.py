@@ -51,37 +51,39 @@ def nearest_distances(
     block_patches: int = BLOCK_PATCHES,
     on_block: Callable[[], None] | None = None,
 ) -> list[torch.Tensor]:
-    """For every image i, an (n_i, N) table: distance of each of its patches to the nearest
-    patch of image j (infinite for j = i).
+    """For every image i, an (n_i, N) table: distance of each of its unit-length patches to
+    the nearest patch of image j (infinite for j = i).
 
-    The distance matrix is computed block by block over pairs of image groups, each block once:
-    its row minima and column minima serve both sides.
+    For unit vectors the squared distance is 2 - 2 x cosine similarity, so each block is one
+    matrix product and nearest means most similar. Blocks run over pairs of image groups, each
+    block once: its row maxima and column maxima serve both sides.
     """
     count = len(patches)
     lengths = [len(p) for p in patches]
-    tables = [torch.full((n, count), math.inf) for n in lengths]
+    tables = [torch.full((n, count), -math.inf) for n in lengths]  # best similarity so far
     groups = _blocks(lengths, block_patches)
     stacked = [torch.cat([patches[i] for i in g]) for g in groups]
     offsets = [np.cumsum([0] + [lengths[i] for i in g]) for g in groups]
     for a, group_a in enumerate(groups):
         for b in range(a, len(groups)):
             group_b = groups[b]
-            squared = torch.cdist(stacked[a], stacked[b]).square_()
+            similarity = stacked[a] @ stacked[b].T
             for col, j in enumerate(group_b):
                 lo, hi = offsets[b][col], offsets[b][col + 1]
-                nearest_in_j = squared[:, lo:hi].amin(dim=1)
+                nearest_in_j = similarity[:, lo:hi].amax(dim=1)
                 for row, i in enumerate(group_a):
                     if i != j:
                         tables[i][:, j] = nearest_in_j[offsets[a][row] : offsets[a][row + 1]]
             if b != a:
                 for row, i in enumerate(group_a):
                     lo, hi = offsets[a][row], offsets[a][row + 1]
-                    nearest_in_i = squared[lo:hi].amin(dim=0)
+                    nearest_in_i = similarity[lo:hi].amax(dim=0)
                     for col, j in enumerate(group_b):
                         tables[j][:, i] = nearest_in_i[offsets[b][col] : offsets[b][col + 1]]
             if on_block is not None:
                 on_block()
-    return [t.clamp_(min=0).sqrt_() for t in tables]
+    # -inf similarity (an image with itself) becomes an infinite distance
+    return [t.mul_(-2).add_(2).clamp_(min=0).sqrt_() for t in tables]
 
 
 def mean_of_smallest(table: torch.Tensor, fraction: float) -> torch.Tensor:
