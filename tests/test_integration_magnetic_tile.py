@@ -28,8 +28,8 @@ pytestmark = [
 # image AUROC and AUPRO floors per method; see the module docstring
 FLOORS = {
     "patchknn": (0.85, 0.65),
-    "gaussian": (GAUSS_IMAGE, GAUSS_AUPRO),
-    "mutual": (MUTUAL_IMAGE, MUTUAL_AUPRO),
+    "gaussian": (0.80, 0.65),
+    "mutual": (0.65, 0.60),
 }
 
 
@@ -40,7 +40,9 @@ def subsample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return link_subsample(find_categories(DATA)[0], root, train_every=8, test_every=5)
 
 
-def test_fit_then_eval_of_every_method_on_magnetic_tiles_beats_the_floors(subsample: Path, tmp_path: Path):
+def test_fit_then_eval_of_every_method_on_magnetic_tiles_beats_the_floors(
+    subsample: Path, tmp_path: Path
+) -> None:
     model = tmp_path / "model"
     assert main(["fit", str(subsample / "train" / "good"), "-o", str(model)]) == 0
     config = json.loads((model / "config.json").read_text())
