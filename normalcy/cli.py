@@ -1,4 +1,4 @@
-"""The `normalcy` command: fit, predict, eval, demo."""
+"""The `normalcy` command: fit, predict, eval, serve, demo."""
 
 from __future__ import annotations
 
@@ -280,6 +280,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from normalcy.server import ServiceSettings, create_app, parse_model_arg
+    except ImportError as error:
+        raise RuntimeError(
+            f"normalcy serve needs the service extras ({error.name} is missing): "
+            "pip install 'normalcy[serve]'"
+        ) from None
+    named = [parse_model_arg(argument) for argument in args.models]
+    names = [name for name, _ in named]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}; use NAME=DIR to rename")
+    models = {}
+    for name, folder in named:
+        models[name] = Detector.load(folder, weights=args.weights)
+        print(f"loaded {name} from {folder}", file=sys.stderr)
+    settings = ServiceSettings(
+        token=os.environ.get("NORMALCY_TOKEN") or None,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=int(args.max_megapixels * 1_000_000),
+        max_batch=args.max_batch,
+        max_delay=args.max_delay_ms / 1000,
+        max_queue=args.max_queue,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.token:
+        print(
+            f"warning: listening on {args.host} without NORMALCY_TOKEN: anyone who can reach "
+            "this port can use the service",
+            file=sys.stderr,
+        )
+    uvicorn.run(create_app(models, settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normalcy", description="Visual anomaly detection from normal images."
@@ -334,6 +370,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--report", help="write an HTML report here")
     ev.add_argument("--progress", action="store_true", help="show progress bars")
     ev.set_defaults(func=cmd_eval)
+
+    serve = sub.add_parser(
+        "serve", help="HTTP service and web page for saved models (token: $NORMALCY_TOKEN)"
+    )
+    serve.add_argument("models", nargs="+", metavar="MODEL_DIR", help="a model folder or NAME=DIR")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--weights", default=None, help="backbone weights file to use")
+    serve.add_argument("--max-upload-mb", type=float, default=20, help="largest upload accepted")
+    serve.add_argument(
+        "--max-megapixels", type=float, default=40, help="largest image accepted (pixels / 1e6)"
+    )
+    serve.add_argument("--max-batch", type=int, default=8, help="images scored together")
+    serve.add_argument(
+        "--max-delay-ms", type=float, default=10, help="wait this long to fill a batch"
+    )
+    serve.add_argument(
+        "--max-queue", type=int, default=64, help="images waiting; beyond it answer 503"
+    )
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="fit and evaluate on a built-in sample set, write a report")
     demo.add_argument("-o", "--output", default="normalcy-demo", help="output folder")

@@ -8,13 +8,14 @@ problem, so a batch job can report a bad file and carry on with the rest.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import BinaryIO, TypeAlias
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -46,6 +47,10 @@ class ImageLoadError(ValueError):
 
     def __str__(self) -> str:
         return f"{self.source}: {self.reason}"
+
+
+class ImageTooLargeError(ImageLoadError):
+    """An image has more pixels than allowed (a decompression bomb, or simply too big)."""
 
 
 def source_name(source: ImageInput, index: int) -> str:
@@ -123,7 +128,20 @@ def _load_file(path: Path, name: str, max_pixels: int) -> np.ndarray:
         raise ImageLoadError(name, "is a directory, not an image file")
     if info.st_size == 0:
         raise ImageLoadError(name, "empty file (0 bytes)")
+    return _decode_stream(path, name, max_pixels)
 
+
+def load_image_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image (an upload, say) as uint8 RGB, like `load_image`.
+
+    The format is recognised from the content, never from `name`, which only labels errors.
+    """
+    if not data:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    return _decode_stream(io.BytesIO(data), name, max_pixels)
+
+
+def _decode_stream(source: Path | BinaryIO, name: str, max_pixels: int) -> np.ndarray:
     # Pillow warns (and above twice its limit, raises) on large images as soon as it reads the
     # header. The warning is silenced here, for this call only, so that our own max_pixels check,
     # which runs right after the header is read, decides instead; Image.MAX_IMAGE_PIXELS is left
@@ -131,7 +149,7 @@ def _load_file(path: Path, name: str, max_pixels: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(path, formats=_PIL_FORMATS)
+            image = Image.open(source, formats=_PIL_FORMATS)
         except UnidentifiedImageError:
             raise ImageLoadError(
                 name,
@@ -225,7 +243,7 @@ def _check_size(name: str, height: int, width: int, max_pixels: int) -> None:
     if height == 0 or width == 0:
         raise ImageLoadError(name, f"zero-sized image ({width}x{height} pixels)")
     if width * height > max_pixels:
-        raise ImageLoadError(
+        raise ImageTooLargeError(
             name,
             f"image is {width}x{height} = {width * height:,} pixels, more than the limit of "
             f"{max_pixels:,} pixels; pass a larger max_pixels to load it",
@@ -233,7 +251,7 @@ def _check_size(name: str, height: int, width: int, max_pixels: int) -> None:
 
 
 def _pil_limit_error(name: str, exc: Image.DecompressionBombError) -> ImageLoadError:
-    return ImageLoadError(
+    return ImageTooLargeError(
         name,
         f"image exceeds Pillow's decompression-bomb limit ({str(exc).rstrip('.')}); to load it, "
         "raise PIL.Image.MAX_IMAGE_PIXELS and, if needed, pass a larger max_pixels",

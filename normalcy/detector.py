@@ -485,6 +485,7 @@ class Detector:
         detector.threshold_source_ = config["threshold_source"]
         detector.pixel_threshold_ = config["pixel_threshold"]
         detector.n_train_ = config["n_train"]
+        detector.normalcy_version_ = config.get("normalcy_version")
         detector.backbone_ = create_backbone(
             backbone["name"],
             backbone["image_size"],
