@@ -240,4 +240,3 @@ def _result(prediction: Prediction, image: np.ndarray, ms: float, maps: bool) ->
 def openapi_schema() -> dict:
     """The service's OpenAPI schema (the same for any set of models)."""
     return create_app({}).openapi()
-
