@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test browser bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/normalcy demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check normalcy tests benchmarks
 	$(BIN)/pytest -q
+
+# The web page's test drives Debian's chromium with Playwright; install it when absent (root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) || \
+		echo "chromium could not be installed: the browser test will be skipped"
 
 bench: $(STAMP)  ## the 224 px rows on the full set: about two hours on a 2-core CPU
 	$(BIN)/python benchmarks/run.py

@@ -115,3 +115,13 @@ def test_too_small_a_batch_is_refused_with_a_reason() -> None:
         MutualScorer().score_batch(_batch(2, set()))
     with pytest.raises(ValueError, match="odd"):
         MutualScorer(neighbourhoods=(2,))
+
+
+def test_a_small_batch_is_scored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="normalcy"):
+        MutualScorer().score_batch(_batch(5, set()))
+    assert "only 5 images" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="normalcy"):
+        MutualScorer(neighbourhoods=(1,)).score_batch(_batch(20, set()))
+    assert caplog.text == ""

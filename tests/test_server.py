@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -310,3 +311,62 @@ def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------- the page
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def _chromium() -> str:
+    """Debian's chromium, installed with apt-get when absent (as root, with the registry)."""
+    found = shutil.which("chromium")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=600)
+        found = shutil.which("chromium")
+    if found is None:
+        pytest.skip(
+            "chromium is not installed and could not be installed (apt-get install chromium)"
+        )
+    return found
+
+
+def test_page_scores_an_upload_and_the_slider_moves_decisions(
+    server: Server, dataset: Path, tmp_path: Path
+) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    images = _images(dataset)
+    paths = [images["bad"][0], images["good"][0]]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_selector("#model option[value='tiles']", state="attached")
+            page.set_input_files("#files", [str(p) for p in paths])
+            page.wait_for_function("document.querySelectorAll('.card').length === 2")
+            cards = page.query_selector_all(".card")
+            overlay = cards[0].query_selector("img").get_attribute("src")
+            assert overlay.startswith("data:image/png;base64,") and len(overlay) > 100
+            scores = [float(c.query_selector(".score").inner_text()) for c in cards]
+            threshold = float(page.inner_text("#threshold-value"))
+            decisions = [c.query_selector(".decision").inner_text() for c in cards]
+            assert decisions == ["ANOMALOUS" if s > threshold else "normal" for s in scores]
+
+            def slide_to(value: float) -> list[str]:
+                page.eval_on_selector(
+                    "#threshold",
+                    "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
+                    value,
+                )
+                return [e.inner_text() for e in page.query_selector_all(".card .decision")]
+
+            assert slide_to(0.0) == ["ANOMALOUS", "ANOMALOUS"]
+            assert slide_to(max(scores) * 1.1) == ["normal", "normal"]
+            with page.expect_download() as download:
+                page.click("#download")
+            csv = Path(download.value.path()).read_text().splitlines()
+            assert csv[0] == "name,score,is_anomalous,threshold"
+            assert len(csv) == 3 and csv[1].startswith(f'"{paths[0].name}"')
+            assert csv[1].split(",")[2] == "false"
+        finally:
+            browser.close()

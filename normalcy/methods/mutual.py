@@ -9,6 +9,7 @@ and large defects show; image scores are then smoothed over each image's most si
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,10 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Fewer images than this make "what most images look like" meaningless.
+# Fewer images than this make "what most images look like" meaningless...
 MIN_BATCH = 3
+# ...and below this many, a few unusual normal images already look like defects.
+RELIABLE_BATCH = 20
 # Size of one block of the pairwise patch-distance computation (patches per side).
 BLOCK_PATCHES = 8192
+
+log = logging.getLogger("normalcy")
 
 
 def neighbourhood_features(grid: np.ndarray, size: int) -> torch.Tensor:
@@ -154,6 +159,13 @@ class MutualScorer:
             raise ValueError(
                 f"zero-shot scoring compares the images of a batch with each other and needs "
                 f"at least {MIN_BATCH} images, got {len(grids)}; dozens or more make it reliable"
+            )
+        if len(grids) < RELIABLE_BATCH:
+            log.warning(
+                "zero-shot scoring of only %d images: scores are unreliable below about %d, "
+                "since each image is judged by what the others look like",
+                len(grids),
+                RELIABLE_BATCH,
             )
         total = [np.zeros(g.shape[:2], dtype=np.float64) for g in grids]
         for size in self.neighbourhoods:
