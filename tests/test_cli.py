@@ -14,7 +14,6 @@ from PIL import Image
 
 from normalcy import __version__
 from normalcy.cli import EXIT_SOME_SKIPPED, main
-from normalcy.synthetic import make_demo_dataset
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64"]
 METRIC_KEYS = {
@@ -35,20 +34,6 @@ RESULT_KEYS = METRIC_KEYS | {
     "n_train",
     "n_test",
 }
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """root/woven_fabric in the MVTec layout: 12 train, 4 good and 6 defective test images."""
-    root = tmp_path_factory.mktemp("cli_data")
-    return make_demo_dataset(root, n_train=12, n_test_good=4, n_test_defect=6, size=64)
-
-
-@pytest.fixture(scope="module")
-def model(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("cli_models") / "fabric"
-    assert main(["fit", str(dataset / "train" / "good"), "-o", str(target), *FAST]) == 0
-    return target
 
 
 def _test_images(dataset: Path) -> list[Path]:

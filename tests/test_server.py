@@ -22,11 +22,9 @@ import pytest
 from PIL import Image
 
 from normalcy import Detector
-from normalcy.cli import main
 from normalcy.data import LoadedImage
 from normalcy.server.app import openapi_schema, parse_model_arg
 from normalcy.server.batching import BatchingWorker, QueueFullError
-from normalcy.synthetic import make_demo_dataset
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,19 +68,6 @@ class Server:
             self.process.kill()
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("serve_data")
-    return make_demo_dataset(root, n_train=12, n_test_good=4, n_test_defect=6, size=64)
-
-
-@pytest.fixture(scope="module")
-def model(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("serve_models") / "tiles"
-    assert main(["fit", str(dataset / "train" / "good"), "-o", str(out), *FAST]) == 0
-    return out
-
-
 def _start(args: list[str], env: dict[str, str] | None = None) -> Iterator[Server]:
     server = Server(args, env)
     yield server
@@ -111,16 +96,16 @@ def _files(*paths: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
 
 
-def _post(server: Server, files, model: str = "tiles", **kwargs) -> httpx.Response:
+def _post(server: Server, files, model: str = "fabric", **kwargs) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/models/{model}/predict", files=files, timeout=60, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- basics
 def test_health_and_model_listing(server: Server, model: Path) -> None:
-    assert httpx.get(server.url + "/healthz").json() == {"status": "ok", "models": ["tiles"]}
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok", "models": ["fabric"]}
     (listed,) = httpx.get(server.url + "/v1/models").json()["models"]
     config = json.loads((model / "config.json").read_text())
-    assert listed["name"] == "tiles" and listed["backbone"] == "efficientnet_lite0"
+    assert listed["name"] == "fabric" and listed["backbone"] == "efficientnet_lite0"
     assert listed["method"] == "patchknn" and listed["image_size"] == 64
     assert listed["threshold"] == pytest.approx(config["threshold"])
     assert listed["version"] == config["normalcy_version"]
@@ -181,14 +166,14 @@ def test_upload_and_pixel_limits_answer_413(server: Server) -> None:
 
 def test_unknown_models_and_escaping_names_are_404(server: Server, dataset: Path) -> None:
     files = _files(_images(dataset)["good"][0])
-    for name in ("other", "..%2F..%2Fetc", "tiles%2F..%2F..%2Ftiles"):
+    for name in ("other", "..%2F..%2Fetc", "fabric%2F..%2F..%2Ffabric"):
         response = _post(server, files, model=name)
         assert response.status_code == 404, name
         assert response.json()["error"]["code"] in {"model_not_found", "not_found"}
 
 
 def test_a_request_without_files_is_a_422_with_a_code(server: Server) -> None:
-    response = httpx.post(server.url + "/v1/models/tiles/predict", timeout=30)
+    response = httpx.post(server.url + "/v1/models/fabric/predict", timeout=30)
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "invalid_request"
 
@@ -341,7 +326,7 @@ def test_page_scores_an_upload_and_the_slider_moves_decisions(
         try:
             page = browser.new_page()
             page.goto(server.url + "/")
-            page.wait_for_selector("#model option[value='tiles']", state="attached")
+            page.wait_for_selector("#model option[value='fabric']", state="attached")
             page.set_input_files("#files", [str(p) for p in paths])
             page.wait_for_function("document.querySelectorAll('.card').length === 2")
             cards = page.query_selector_all(".card")
