@@ -17,7 +17,7 @@ from normalcy import __version__
 from normalcy.backbones import BACKBONES
 from normalcy.data import ImageLoadError, TestSample, expand_inputs, load_image
 from normalcy.detector import MUTUAL, ZERO_SHOT_HINT, Detector, Prediction, choose_setting
-from normalcy.evaluate import evaluate, format_table, summarize
+from normalcy.evaluate import evaluate, format_defect_table, format_table, summarize
 from normalcy.methods import METHODS
 from normalcy.report import ReportImage, write_report
 from normalcy.visualize import overlay, save_png, thumbnail, write_atomic
@@ -249,14 +249,28 @@ def run_eval(
             f"normalcy eval: {Path(root).name}",
             report_images,
             thresholds[0] if thresholds else 0.0,
-            metrics=summary["results"],
+            metrics=[
+                {k: v for k, v in row.items() if k != "by_defect"} for row in summary["results"]
+            ],
+            breakdown=[
+                {"category": row["category"], "method": row["method"], **defect}
+                for row in summary["results"]
+                for defect in row["by_defect"]
+            ],
         )
     return summary
 
 
+def _print_summary(summary: dict) -> None:
+    print(format_table(summary))
+    defects = format_defect_table(summary)
+    if defects:
+        print(defects)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     summary = run_eval(args.dataset_root, args, args.category, args.report)
-    print(format_table(summary))
+    _print_summary(summary)
     if args.json:
         write_atomic(args.json, (json.dumps(summary, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
@@ -274,7 +288,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.progress = True
     report = out / "report.html"
     summary = run_eval(dataset, args, None, report)
-    print(format_table(summary))
+    _print_summary(summary)
     write_atomic(out / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
     print(f"report: {report.resolve()}")
     return 0

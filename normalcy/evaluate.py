@@ -7,7 +7,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,16 @@ METRIC_KEYS = (
 
 
 @dataclass
+class DefectResult:
+    """One defect type against the good test images: which defects a setting misses."""
+
+    defect: str
+    n_images: int
+    image_auroc: float
+    aupro: float | None
+
+
+@dataclass
 class CategoryResult:
     category: str
     method: str
@@ -53,6 +63,7 @@ class CategoryResult:
     peak_rss_mb: float
     n_train: int
     n_test: int
+    by_defect: list[DefectResult] = field(default_factory=list)
 
 
 def peak_rss_mb() -> float:
@@ -128,7 +139,7 @@ def evaluate_category(
         )
     labels = [sample.label for sample, _ in scored]
     scores = [prediction.score for _, prediction in scored]
-    pixel = region = None
+    pixel = region = maps = masks = None
     if category.has_masks:
         maps = [prediction.anomaly_map for _, prediction in scored]
         masks = [
@@ -155,7 +166,41 @@ def evaluate_category(
         peak_rss_mb=peak_rss_mb(),
         n_train=getattr(detector, "n_train_", 0),
         n_test=len(scored),
+        by_defect=by_defect([s.defect for s, _ in scored], scores, masks, maps),
     )
+
+
+def by_defect(
+    defects: Sequence[str],
+    scores: Sequence[float],
+    masks: Sequence[np.ndarray] | None = None,
+    maps: Sequence[np.ndarray] | None = None,
+) -> list[DefectResult]:
+    """Each defect type scored against the good images alone (AUPRO on those images' pixels
+    when masks are given). Needs good images and at least two defect types to say anything
+    the overall row does not."""
+    kinds = sorted(set(defects) - {"good"})
+    if "good" not in defects or len(kinds) < 2:
+        return []
+    results = []
+    for kind in kinds:
+        chosen = [i for i, d in enumerate(defects) if d in ("good", kind)]
+        region = None
+        if masks is not None and maps is not None:
+            kind_masks = [masks[i] for i in chosen]
+            if any(m.any() for m in kind_masks):
+                region = aupro(kind_masks, [maps[i] for i in chosen])
+        results.append(
+            DefectResult(
+                defect=kind,
+                n_images=sum(d == kind for d in defects),
+                image_auroc=image_auroc(
+                    [defects[i] != "good" for i in chosen], [scores[i] for i in chosen]
+                ),
+                aupro=region,
+            )
+        )
+    return results
 
 
 def _mean(rows: Sequence[dict[str, Any]], key: str) -> float | None:
@@ -238,6 +283,27 @@ def format_table(summary: dict[str, Any]) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def format_defect_table(summary: dict[str, Any]) -> str:
+    """Per defect type, each result's image AUROC and AUPRO against the good images; empty
+    when no result has a breakdown."""
+    lines = []
+    for row in summary["results"]:
+        if not row.get("by_defect"):
+            continue
+        setting = " ".join(
+            _cell(row[k]) for k in ("category", "method", "backbone", "shots", "draw")
+        )
+        lines.append(f"by defect type: {setting}")
+        width = max(len(d["defect"]) for d in row["by_defect"])
+        lines.append(f"  {'defect'.ljust(width)}  images  image_auroc  aupro")
+        for d in row["by_defect"]:
+            lines.append(
+                f"  {d['defect'].ljust(width)}  {d['n_images']:>6}  "
+                f"{_cell(d['image_auroc']):>11}  {_cell(d['aupro']):>5}"
+            )
     return "\n".join(lines)
 
 

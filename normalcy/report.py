@@ -290,12 +290,13 @@ def write_report(
     threshold: float,
     metrics: Sequence[dict] | None = None,
     max_images: int = 200,
+    breakdown: Sequence[dict] | None = None,
 ) -> Path:
     """Write a self-contained HTML report and return its path.
 
-    Sections: metrics table (when given), score histogram with the threshold, ROC curve (when
-    both classes are labelled) and up to `max_images` image cards. The file is replaced
-    atomically, so a browser never sees half a report.
+    Sections: metrics table and its breakdown by defect type (when given), score histogram
+    with the threshold, ROC curve (when both classes are labelled) and up to `max_images`
+    image cards. The file is replaced atomically, so a browser never sees half a report.
     """
     if max_images < 0:
         raise ValueError(f"max_images must be >= 0, got {max_images}")
@@ -316,6 +317,8 @@ def write_report(
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>{summary}</p>"]
     if metrics:
         body += ["<h2>Metrics</h2>", _metrics_table(metrics)]
+    if breakdown:
+        body += ["<h2>By defect type</h2>", _metrics_table(breakdown)]
     charts = [_histogram_svg(images, threshold)]
     if {im.label for im in labelled} >= {0, 1}:
         charts.append(_roc_svg(labelled))

@@ -31,6 +31,7 @@ RESULT_KEYS = METRIC_KEYS | {
     "backbone",
     "shots",
     "draw",
+    "by_defect",
     "n_train",
     "n_test",
 }
@@ -170,8 +171,15 @@ def test_eval_writes_the_documented_json_and_a_report(
     assert set(summary["mean"]) == METRIC_KEYS
     for key in METRIC_KEYS:
         assert summary["mean"][key] == pytest.approx(row[key])
-    assert report.read_text().lstrip().lower().startswith("<!doctype html")
-    assert "woven_fabric" in capsys.readouterr().out  # the table
+    defects = {d["defect"]: d for d in row["by_defect"]}
+    assert set(defects) == {"hole", "scratch", "stain"}
+    assert sum(d["n_images"] for d in defects.values()) == 6
+    for d in defects.values():
+        assert 0.0 <= d["image_auroc"] <= 1.0 and 0.0 <= d["aupro"] <= 1.0
+    html = report.read_text()
+    assert html.lstrip().lower().startswith("<!doctype html") and "By defect type" in html
+    printed = capsys.readouterr().out
+    assert "woven_fabric" in printed and "by defect type" in printed and "scratch" in printed
 
 
 def test_eval_of_a_single_category_folder_in_few_shot(
