@@ -19,6 +19,7 @@ from normalcy.data import ImageLoadError, TestSample, expand_inputs, load_image
 from normalcy.detector import MUTUAL, ZERO_SHOT_HINT, Detector, Prediction, choose_setting
 from normalcy.evaluate import evaluate, format_defect_table, format_table, summarize
 from normalcy.methods import METHODS
+from normalcy.methods.mutual import MutualScorer
 from normalcy.report import ReportImage, write_report
 from normalcy.visualize import overlay, save_png, thumbnail, write_atomic
 
@@ -42,6 +43,30 @@ def _backbone_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _zero_shot_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("zero-shot scoring options (method mutual)")
+    group.add_argument(
+        "--mutual-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 3, 5],
+        metavar="N",
+        help="patch neighbourhood sizes whose maps are averaged (odd; 1 keeps only fine detail)",
+    )
+    group.add_argument(
+        "--mutual-rescore",
+        type=int,
+        default=8,
+        metavar="K",
+        help="average each image score with its K most similar images' (0: off; suits batches "
+        "that are mostly normal)",
+    )
+
+
+def _scorer(args: argparse.Namespace) -> MutualScorer:
+    return MutualScorer(neighbourhoods=args.mutual_sizes, rescore_neighbours=args.mutual_rescore)
+
+
 def _detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
     _backbone_options(parser)
     parser.add_argument("--method", default=None, choices=methods, help=METHOD_HELP)
@@ -63,6 +88,7 @@ def _make_detector(args: argparse.Namespace, method: str | None = None, **extra)
         augment=not args.no_augment,
         weights=args.weights,
         layers=args.layers,
+        scorer=_scorer(args) if "mutual_sizes" in args else None,
         **extra,
     )
 
@@ -127,6 +153,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             weights=args.weights,
             threshold=args.threshold,
             progress=not args.json,
+            scorer=_scorer(args),
         )
         return _write_predictions(args, detector, detector.zero_shot(args.paths), "zero-shot")
     if len(args.paths) < 2:
@@ -370,12 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--weights", default=None, help="backbone weights file to use")
     zero_shot = predict.add_argument_group("zero-shot feature options")
     _backbone_options(zero_shot)
+    _zero_shot_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     ev = sub.add_parser("eval", help="benchmark on an MVTec-layout dataset")
     ev.add_argument("dataset_root")
     ev.add_argument("--category", action="append", help="category to evaluate (repeatable)")
     _detector_options(ev, [*sorted(METHODS), MUTUAL, "all"])
+    _zero_shot_options(ev)
     ev.add_argument("--seed", type=int, default=0, help="first few-shot reference draw")
     ev.add_argument(
         "--draws", type=int, default=1, help="few-shot: reference draws to average (seed, seed+1..)"
@@ -408,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fit and evaluate on a built-in sample set, write a report")
     demo.add_argument("-o", "--output", default="normalcy-demo", help="output folder")
     _detector_options(demo, [*sorted(METHODS), MUTUAL, "all"])
+    _zero_shot_options(demo)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--draws", type=int, default=1)
     demo.set_defaults(func=cmd_demo)

@@ -94,6 +94,7 @@ class Detector:
     augment: in few-shot mode, add rotated and mirrored views of the references.
     fpr: target false-positive rate on held-out normal images for the decision threshold.
     threshold: a fixed image-score threshold instead (overrides fpr).
+    scorer: the zero-shot scorer for method "mutual" (default `MutualScorer()`).
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class Detector:
         weights: str | os.PathLike | None = None,
         progress: bool = False,
         seed: int = 0,
+        scorer: MutualScorer | None = None,
     ) -> None:
         if shots is not None and shots < 1:
             raise ValueError(f"shots must be at least 1, got {shots}")
@@ -133,6 +135,7 @@ class Detector:
         self.weights = weights
         self.progress = progress
         self.seed = seed
+        self.scorer = scorer
 
     # ----------------------------------------------------------------- features
     def _backbone(self) -> Backbone:
@@ -318,7 +321,7 @@ class Detector:
             results.append(None)
             grids.extend(self._backbone().features([item.image]))
         bar.close()
-        scorer = MutualScorer()
+        scorer = self.scorer or MutualScorer()
         bar = tqdm(
             total=scorer.n_blocks(grids), desc="mutual", unit="block", disable=not self.progress
         )

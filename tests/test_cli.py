@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from normalcy import __version__
-from normalcy.cli import EXIT_SOME_SKIPPED, main
+from normalcy.cli import EXIT_SOME_SKIPPED, _make_detector, build_parser, main
+from normalcy.detector import Detector
+from normalcy.methods.mutual import MutualScorer
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64"]
 METRIC_KEYS = {
@@ -235,6 +237,28 @@ def test_predict_zero_shot_needs_no_model(
     assert (out / f"{inputs[0].stem}_overlay.png").is_file()
 
 
+def test_zero_shot_options_reach_the_scorer(dataset: Path, tmp_path: Path) -> None:
+    inputs = sorted((dataset / "test").rglob("*.png"))
+    options = ["--mutual-sizes", "1", "--mutual-rescore", "0"]
+    out = tmp_path / "zs"
+    code = main(["predict", "--zero-shot", *map(str, inputs), *FAST, *options, "-o", str(out)])
+    assert code == 0
+    scores = [r["score"] for r in json.loads((out / "results.json").read_text())["results"]]
+    scorer = MutualScorer(neighbourhoods=(1,), rescore_neighbours=0)
+    expected = Detector(
+        method="mutual", backbone="efficientnet_lite0", image_size=64, scorer=scorer
+    ).zero_shot(inputs)
+    np.testing.assert_allclose(scores, [p.score for p in expected], rtol=1e-5)
+    default = Detector(method="mutual", backbone="efficientnet_lite0", image_size=64)
+    assert not np.allclose(scores, [p.score for p in default.zero_shot(inputs)], rtol=1e-3)
+
+
+def test_zero_shot_options_are_validated(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inputs = sorted((dataset / "test").rglob("*.png"))
+    assert main(["predict", "--zero-shot", *map(str, inputs), *FAST, "--mutual-sizes", "2"]) == 2
+    assert "odd" in capsys.readouterr().err
+
+
 def test_predict_zero_shot_on_too_few_images_exits_2_with_the_reason(
     dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -300,3 +324,11 @@ def test_installed_entry_point_prints_the_version() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"normalcy {__version__}"
+
+
+def test_eval_passes_zero_shot_options_to_its_detectors() -> None:
+    args = build_parser().parse_args(
+        ["eval", "data", "--method", "mutual", "--mutual-sizes", "1", "3", "--mutual-rescore", "2"]
+    )
+    scorer = _make_detector(args).scorer
+    assert scorer.neighbourhoods == (1, 3) and scorer.rescore_neighbours == 2

@@ -115,6 +115,8 @@ def test_too_small_a_batch_is_refused_with_a_reason() -> None:
         MutualScorer().score_batch(_batch(2, set()))
     with pytest.raises(ValueError, match="odd"):
         MutualScorer(neighbourhoods=(2,))
+    with pytest.raises(ValueError, match="rescore_neighbours"):
+        MutualScorer(rescore_neighbours=-1)
 
 
 def test_a_small_batch_is_scored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -133,6 +133,8 @@ class MutualScorer:
             raise ValueError(f"vouch_fraction must be in (0, 1], got {vouch_fraction}")
         if not neighbourhoods or any(n < 1 or n % 2 == 0 for n in neighbourhoods):
             raise ValueError(f"neighbourhoods must be odd sizes >= 1, got {neighbourhoods}")
+        if rescore_neighbours < 0:
+            raise ValueError(f"rescore_neighbours must be >= 0 (0: off), got {rescore_neighbours}")
         self.neighbourhoods = tuple(neighbourhoods)
         self.vouch_fraction = vouch_fraction
         self.rescore_neighbours = rescore_neighbours
