@@ -39,6 +39,11 @@ def _rows() -> dict[str, list[str]]:
             rows[f"dinov2-{size}-{shots}shot"] = [*base, "--shots", str(shots), *DRAWS]
         rows[f"dinov2-{size}-gaussian"] = [*base, "--method", "gaussian"]
         rows[f"dinov2-{size}-mutual"] = [*base, "--method", "mutual"]
+        # Zero-shot with fine detail only and no re-scoring (for defect-heavy batches).
+        rows[f"dinov2-{size}-mutual-fine"] = [
+            *base,
+            *("--method", "mutual", "--mutual-sizes", "1", "--mutual-rescore", "0"),
+        ]
     lite = ["--backbone", "efficientnet_lite0", "--image-size", "224"]
     rows["lite0-224-full"] = lite
     rows["lite0-224-1shot"] = [*lite, "--shots", "1", *DRAWS]
