@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST_OPTIONS as FAST
 from PIL import Image
 
 from normalcy import __version__
@@ -17,7 +18,6 @@ from normalcy.cli import EXIT_SOME_SKIPPED, _make_detector, build_parser, main
 from normalcy.detector import Detector
 from normalcy.methods.mutual import MutualScorer
 
-FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64"]
 METRIC_KEYS = {
     "image_auroc",
     "pixel_auroc",

@@ -26,7 +26,6 @@ from normalcy.data import LoadedImage
 from normalcy.server.app import openapi_schema, parse_model_arg
 from normalcy.server.batching import BatchingWorker, QueueFullError
 
-FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64"]
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-token"
 
