@@ -77,6 +77,8 @@ def _detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) -
         help="few-shot: do not add rotated/mirrored reference views (orientation matters)",
     )
     parser.add_argument("--weights", default=None, help="backbone weights file to use")
+    if MUTUAL in methods:
+        _zero_shot_options(parser)
 
 
 def _make_detector(args: argparse.Namespace, method: str | None = None, **extra) -> Detector:
@@ -404,7 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("dataset_root")
     ev.add_argument("--category", action="append", help="category to evaluate (repeatable)")
     _detector_options(ev, [*sorted(METHODS), MUTUAL, "all"])
-    _zero_shot_options(ev)
     ev.add_argument("--seed", type=int, default=0, help="first few-shot reference draw")
     ev.add_argument(
         "--draws", type=int, default=1, help="few-shot: reference draws to average (seed, seed+1..)"
@@ -437,7 +438,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fit and evaluate on a built-in sample set, write a report")
     demo.add_argument("-o", "--output", default="normalcy-demo", help="output folder")
     _detector_options(demo, [*sorted(METHODS), MUTUAL, "all"])
-    _zero_shot_options(demo)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--draws", type=int, default=1)
     demo.set_defaults(func=cmd_demo)

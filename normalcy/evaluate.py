@@ -280,10 +280,15 @@ def format_table(summary: dict[str, Any]) -> str:
             if group["spread"]:
                 spread = ["+-" + _cell(group["spread"][k]) for k in METRIC_KEYS]
                 rows.append(["spread", *setting, f"{group['n_draws']} draws", *spread])
+    return "\n".join(_aligned(columns, rows))
+
+
+def _aligned(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Header and rows as lines, each column padded to its widest cell."""
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+    return lines
 
 
 def format_defect_table(summary: dict[str, Any]) -> str:
@@ -297,13 +302,9 @@ def format_defect_table(summary: dict[str, Any]) -> str:
             _cell(row[k]) for k in ("category", "method", "backbone", "shots", "draw")
         )
         lines.append(f"by defect type: {setting}")
-        width = max(len(d["defect"]) for d in row["by_defect"])
-        lines.append(f"  {'defect'.ljust(width)}  images  image_auroc  aupro")
-        for d in row["by_defect"]:
-            lines.append(
-                f"  {d['defect'].ljust(width)}  {d['n_images']:>6}  "
-                f"{_cell(d['image_auroc']):>11}  {_cell(d['aupro']):>5}"
-            )
+        columns = ["defect", "n_images", "image_auroc", "aupro"]
+        cells = [[_cell(d[k]) for k in columns] for d in row["by_defect"]]
+        lines += ["  " + line for line in _aligned(columns, cells)]
     return "\n".join(lines)
 
 
