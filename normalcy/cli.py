@@ -77,6 +77,14 @@ def _detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) -
         help="few-shot: do not add rotated/mirrored reference views (orientation matters)",
     )
     parser.add_argument("--weights", default=None, help="backbone weights file to use")
+    parser.add_argument(
+        "--context",
+        type=float,
+        default=None,
+        metavar="W",
+        help="weight of each patch's difference from its image's median patch, added to its "
+        "features (default 1 for patchknn, 0 for the others; 0: off)",
+    )
     if MUTUAL in methods:
         _zero_shot_options(parser)
 
@@ -91,6 +99,7 @@ def _make_detector(args: argparse.Namespace, method: str | None = None, **extra)
         weights=args.weights,
         layers=args.layers,
         scorer=_scorer(args) if "mutual_sizes" in args else None,
+        context=args.context,
         **extra,
     )
 

@@ -41,6 +41,10 @@ HOLDOUT_EVERY = 10  # every 10th normal image (by sorted name) is held out for t
 MUTUAL = MutualScorer.name
 # Up to this many normal images, few-shot mode (every image in the bank, augmented) is chosen.
 FEW_SHOT_MAX = 16
+# Weight of the image-context half of each patch descriptor (see `aggregate`) when the user
+# gives none: equal to the appearance half for patch kNN, off for the methods it was not
+# measured with.
+DEFAULT_CONTEXT = {"patchknn": 1.0}
 ZERO_SHOT_HINT = (
     "with no normal images, score a batch of images against each other instead: "
     "normalcy predict --zero-shot INPUT_DIR -o OUT"
@@ -95,6 +99,8 @@ class Detector:
     fpr: target false-positive rate on held-out normal images for the decision threshold.
     threshold: a fixed image-score threshold instead (overrides fpr).
     scorer: the zero-shot scorer for method "mutual" (default `MutualScorer()`).
+    context: weight of each patch's difference from its image's median patch, appended to
+        its features (0 = off; None: 1 for patchknn, 0 for the other methods).
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class Detector:
         progress: bool = False,
         seed: int = 0,
         scorer: MutualScorer | None = None,
+        context: float | None = None,
     ) -> None:
         if shots is not None and shots < 1:
             raise ValueError(f"shots must be at least 1, got {shots}")
@@ -136,12 +143,19 @@ class Detector:
         self.progress = progress
         self.seed = seed
         self.scorer = scorer
+        self.context = context
 
     # ----------------------------------------------------------------- features
     def _backbone(self) -> Backbone:
         if getattr(self, "backbone_", None) is None:
             self.backbone_ = create_backbone(
-                self.backbone, self.image_size, self.layers, weights=self.weights
+                self.backbone,
+                self.image_size,
+                self.layers,
+                weights=self.weights,
+                context=DEFAULT_CONTEXT.get(self.method, 0.0)
+                if self.context is None
+                else self.context,
             )
         return self.backbone_
 
@@ -401,6 +415,7 @@ class Detector:
                 "image_size": self.image_size,
                 "layers": list(self.backbone_.layers),
                 "pool": self.backbone_.pool,
+                "context": self.backbone_.context,
                 "weights_fingerprint": weights_fingerprint(self.backbone_),
             },
             "method": {"name": self.method, "params": self.method_.get_params()},
@@ -480,6 +495,7 @@ class Detector:
             fpr=config["fpr"],
             sigma=config["sigma"],
             weights=weights,
+            context=backbone.get("context", 0.0),  # saved before the option existed: none
         )
         arrays = load_file(str(folder / "method.safetensors"))
         detector.method_ = method_from_state(method["name"], method["params"], arrays)
@@ -495,6 +511,7 @@ class Detector:
             tuple(backbone["layers"]),
             pool=backbone["pool"],
             weights=weights,
+            context=detector.context,
         )
         if weights_fingerprint(detector.backbone_) != backbone["weights_fingerprint"]:
             raise ValueError(

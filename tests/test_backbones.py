@@ -184,6 +184,28 @@ def test_aggregate_coarse_layer_is_upsampled_smoothly() -> None:
     assert share[0, 0] < 0.05 and share[0, -1] > 0.95
 
 
+def test_context_appends_each_patch_difference_from_its_image_median() -> None:
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 4, 3, 5, generator=generator)]
+    plain = aggregate(maps, pool=1)
+    out = aggregate(maps, pool=1, context=2.0)
+    assert out.shape == (2, 8, 3, 5)
+    torch.testing.assert_close(out[:, :4], plain)
+    for image in range(2):
+        median = plain[image].flatten(1).median(dim=1).values
+        torch.testing.assert_close(out[image, 4:], 2.0 * (plain[image] - median[:, None, None]))
+
+
+def test_context_of_a_uniform_image_is_zero() -> None:
+    out = aggregate([torch.ones(1, 3, 4, 4)], pool=1, context=1.0)
+    assert torch.count_nonzero(out[:, 3:]) == 0
+
+
+def test_negative_context_is_refused() -> None:
+    with pytest.raises(ValueError, match="context must be non-negative"):
+        Backbone("fake", _Pyramid(), stride=16, image_size=64, pool=1, layers=(0,), context=-1)
+
+
 def test_aggregate_pools_over_a_local_window_ignoring_padding() -> None:
     # Channel 0 is 1 everywhere; channel 1 is a single spike at the top-left corner.
     grid = torch.zeros(1, 2, 6, 6)

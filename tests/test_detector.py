@@ -296,6 +296,47 @@ def test_loaded_detector_predicts_exactly_the_same(
     np.testing.assert_array_equal(loaded.normal_scores_, fitted.normal_scores_)
 
 
+def test_context_doubles_the_bank_features_and_survives_saving(
+    data: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    plain = Detector(**OPTIONS, context=0.0).fit(data["train"])
+    detector = Detector(**OPTIONS, context=1.0).fit(data["train"])
+    assert detector.method_.memory_bank_.shape[1] == 2 * plain.method_.memory_bank_.shape[1]
+    inputs = data["good"][:2] + data["bad"][:2]
+    loaded = Detector.load(detector.save(tmp_path / "context-model"))
+    assert loaded.backbone_.context == 1.0
+    np.testing.assert_array_equal(
+        _scores(loaded.predict(inputs)), _scores(detector.predict(inputs))
+    )
+    assert min(_scores(detector.predict(data["bad"]))) > max(
+        _scores(detector.predict(data["good"]))
+    )
+
+
+def test_context_is_on_for_patch_knn_and_off_for_other_methods_by_default(
+    fitted: Detector,
+) -> None:
+    assert fitted.backbone_.context == 1.0
+    for method in ("gaussian", "mutual"):
+        assert Detector(**OPTIONS, method=method)._backbone().context == 0.0
+
+
+def test_a_model_saved_before_the_context_option_loads_without_it(
+    data: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    detector = Detector(**OPTIONS, context=0.0).fit(data["train"])
+    model = detector.save(tmp_path / "older-model")
+    config = json.loads((model / "config.json").read_text())
+    del config["backbone"]["context"]
+    (model / "config.json").write_text(json.dumps(config))
+    inputs = data["good"][:2] + data["bad"][:2]
+    loaded = Detector.load(model)
+    assert loaded.backbone_.context == 0.0
+    np.testing.assert_array_equal(
+        _scores(loaded.predict(inputs)), _scores(detector.predict(inputs))
+    )
+
+
 def test_saved_model_is_config_json_and_safetensors_only(saved: Path) -> None:
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "method.safetensors"]
     config = json.loads((saved / "config.json").read_text())

@@ -52,16 +52,20 @@ class Backbone(nn.Module):
         image_size: int,
         pool: int,
         layers: tuple[int, ...],
+        context: float = 0.0,
     ) -> None:
         super().__init__()
         if image_size < stride:
             raise ValueError(f"image_size must be at least {stride} for {name}, got {image_size}")
+        if context < 0:
+            raise ValueError(f"context must be non-negative, got {context}")
         self.name = name
         self.network = network.eval().requires_grad_(False)
         self.stride = stride
         self.image_size = image_size
         self.pool = pool
         self.layers = layers
+        self.context = context
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
@@ -94,15 +98,20 @@ class Backbone(nn.Module):
             groups.setdefault(self.input_size(*image.shape[:2]), []).append(index)
         for indices in groups.values():
             batch = torch.stack([self.preprocess(images[i]) for i in indices])
-            grids = aggregate(self(batch), self.pool).permute(0, 2, 3, 1).numpy()
+            grids = aggregate(self(batch), self.pool, self.context).permute(0, 2, 3, 1).numpy()
             for i, grid in zip(indices, grids, strict=True):
                 out[i] = np.ascontiguousarray(grid)
         return out  # type: ignore[return-value]
 
 
-def aggregate(maps: list[torch.Tensor], pool: int) -> torch.Tensor:
+def aggregate(maps: list[torch.Tensor], pool: int, context: float = 0.0) -> torch.Tensor:
     """One (B, C, h, w) grid: each layer locally averaged over `pool` x `pool` patches,
-    resized to the finest grid, L2-normalised so every layer weighs the same, concatenated."""
+    resized to the finest grid, L2-normalised so every layer weighs the same, concatenated.
+
+    context > 0 appends each patch's difference from its own image's median patch, times
+    `context` (channels double): a patch is then judged both by how it looks and by how it
+    stands out from the rest of its image.
+    """
     height, width = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
     parts = []
     for grid in maps:
@@ -111,7 +120,11 @@ def aggregate(maps: list[torch.Tensor], pool: int) -> torch.Tensor:
         if grid.shape[-2:] != (height, width):
             grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
         parts.append(F.normalize(grid, dim=1))
-    return torch.cat(parts, dim=1)
+    features = torch.cat(parts, dim=1)
+    if context <= 0:
+        return features
+    median = features.flatten(2).median(dim=2).values[..., None, None]
+    return torch.cat([features, context * (features - median)], dim=1)
 
 
 class EfficientNetStages(nn.Module):
@@ -228,10 +241,11 @@ def create_backbone(
     layers: tuple[int, ...] | None = None,
     pool: int | None = None,
     weights: str | os.PathLike | None = None,
+    context: float = 0.0,
 ) -> Backbone:
     """A ready, frozen backbone; weights resolved as described in `weights.py`."""
     builder, default, default_pool = _lookup(name)
     layers = tuple(layers) if layers else default
     network, stride = builder(name, layers, weights)
     pool = default_pool if pool is None else pool
-    return Backbone(name, network, stride, image_size, pool, layers)
+    return Backbone(name, network, stride, image_size, pool, layers, context)
