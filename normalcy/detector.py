@@ -127,6 +127,8 @@ class Detector:
             raise ValueError(f"shots must be at least 1, got {shots}")
         if not 0 <= fpr < 1:
             raise ValueError(f"fpr must be in [0, 1), got {fpr}")
+        if context is not None and context < 0:
+            raise ValueError(f"context must be non-negative, got {context}")
         self.backbone = backbone
         self.method = method
         self.image_size = image_size

@@ -201,11 +201,6 @@ def test_context_of_a_uniform_image_is_zero() -> None:
     assert torch.count_nonzero(out[:, 3:]) == 0
 
 
-def test_negative_context_is_refused() -> None:
-    with pytest.raises(ValueError, match="context must be non-negative"):
-        Backbone("fake", _Pyramid(), stride=16, image_size=64, pool=1, layers=(0,), context=-1)
-
-
 def test_aggregate_pools_over_a_local_window_ignoring_padding() -> None:
     # Channel 0 is 1 everywhere; channel 1 is a single spike at the top-left corner.
     grid = torch.zeros(1, 2, 6, 6)

@@ -225,7 +225,9 @@ def test_predict_before_fit_raises() -> None:
         Detector(**OPTIONS).predict(normal_image(0))
 
 
-@pytest.mark.parametrize(("option", "value"), [("shots", 0), ("fpr", 1.0), ("fpr", -0.1)])
+@pytest.mark.parametrize(
+    ("option", "value"), [("shots", 0), ("fpr", 1.0), ("fpr", -0.1), ("context", -1.0)]
+)
 def test_invalid_options_are_rejected(option: str, value: float) -> None:
     with pytest.raises(ValueError, match=option):
         Detector(**OPTIONS, **{option: value})

@@ -57,8 +57,6 @@ class Backbone(nn.Module):
         super().__init__()
         if image_size < stride:
             raise ValueError(f"image_size must be at least {stride} for {name}, got {image_size}")
-        if context < 0:
-            raise ValueError(f"context must be non-negative, got {context}")
         self.name = name
         self.network = network.eval().requires_grad_(False)
         self.stride = stride
