@@ -16,7 +16,14 @@ import numpy as np
 from normalcy import __version__
 from normalcy.backbones import BACKBONES
 from normalcy.data import ImageLoadError, TestSample, expand_inputs, load_image
-from normalcy.detector import MUTUAL, ZERO_SHOT_HINT, Detector, Prediction, choose_setting
+from normalcy.detector import (
+    FUSED,
+    MUTUAL,
+    ZERO_SHOT_HINT,
+    Detector,
+    Prediction,
+    choose_setting,
+)
 from normalcy.evaluate import evaluate, format_defect_table, format_table, summarize
 from normalcy.methods import METHODS
 from normalcy.methods.mutual import MutualScorer
@@ -25,10 +32,11 @@ from normalcy.visualize import overlay, save_png, thumbnail, write_atomic
 
 EXIT_SOME_SKIPPED = 3  # predict: some inputs could not be read; the others were scored
 REPORT_SIDE = 256
-EVAL_ALL = ["patchknn", "gaussian", MUTUAL]  # what `eval --method all` compares
+EVAL_ALL = ["patchknn", "gaussian", FUSED, MUTUAL]  # what `eval --method all` compares
 METHOD_HELP = (
     "patchknn: nearest normal patch (full- and few-shot); gaussian: Mahalanobis distance to "
-    "normal features; mutual (eval only): zero-shot, test images score each other. "
+    "normal features; patchknn+gaussian: both, standardised and averaged (full-shot); "
+    "mutual (eval only): zero-shot, test images score each other. "
     "Default for fit: chosen from the number of normal images"
 )
 
@@ -83,7 +91,7 @@ def _detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) -
         default=None,
         metavar="W",
         help="weight of each patch's difference from its image's median patch, added to its "
-        "features (default 1 for patchknn, 0 for the others; 0: off)",
+        "features (default 1 for the patchknn methods, 0 for the others; 0: off)",
     )
     if MUTUAL in methods:
         _zero_shot_options(parser)
@@ -269,6 +277,8 @@ def run_eval(
         return keep
 
     methods = EVAL_ALL if args.method == "all" else [args.method or "patchknn"]
+    if args.method == "all" and args.shots:
+        methods = [m for m in methods if m != FUSED]  # it needs held-out normal images
     results = []
     for method in methods:
         results += evaluate(

@@ -28,6 +28,7 @@ from normalcy.data import (
     load_many,
 )
 from normalcy.methods import create_method, method_from_state
+from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.methods.mutual import MutualScorer
 from normalcy.postprocess import SIGMA_AT_256, anomaly_map, image_score, threshold_at_fpr
 
@@ -39,12 +40,13 @@ MODEL_FORMAT_VERSION = 1
 MIN_IMAGES_FOR_HOLDOUT = 10
 HOLDOUT_EVERY = 10  # every 10th normal image (by sorted name) is held out for the threshold
 MUTUAL = MutualScorer.name
+FUSED = KNNGaussianFusion.name
 # Up to this many normal images, few-shot mode (every image in the bank, augmented) is chosen.
 FEW_SHOT_MAX = 16
 # Weight of the image-context half of each patch descriptor (see `aggregate`) when the user
 # gives none: equal to the appearance half for patch kNN, off for the methods it was not
 # measured with.
-DEFAULT_CONTEXT = {"patchknn": 1.0}
+DEFAULT_CONTEXT = {"patchknn": 1.0, "patchknn+gaussian": 1.0}
 ZERO_SHOT_HINT = (
     "with no normal images, score a batch of images against each other instead: "
     "normalcy predict --zero-shot INPUT_DIR -o OUT"
@@ -92,15 +94,16 @@ class Detector:
     """Anomaly detector over frozen backbone features.
 
     backbone, image_size, layers: the feature extractor (short side resized to image_size).
-    method: "patchknn" (nearest normal patch), "gaussian" (Mahalanobis distance), or "mutual"
-        (zero-shot: no fit, use `zero_shot`).
+    method: "patchknn" (nearest normal patch), "gaussian" (Mahalanobis distance),
+        "patchknn+gaussian" (both, standardised on held-out normal images and averaged;
+        full-shot only), or "mutual" (zero-shot: no fit, use `zero_shot`).
     shots: few-shot mode; None uses every normal image given to `fit`.
     augment: in few-shot mode, add rotated and mirrored views of the references.
     fpr: target false-positive rate on held-out normal images for the decision threshold.
     threshold: a fixed image-score threshold instead (overrides fpr).
     scorer: the zero-shot scorer for method "mutual" (default `MutualScorer()`).
     context: weight of each patch's difference from its image's median patch, appended to
-        its features (0 = off; None: 1 for patchknn, 0 for the other methods).
+        its features (0 = off; None: 1 for the patch-kNN methods, 0 for the others).
     """
 
     def __init__(
@@ -188,11 +191,16 @@ class Detector:
                 "the mutual method is zero-shot: it needs no fit; call zero_shot(images) "
                 "(CLI: normalcy predict --zero-shot INPUT_DIR -o OUT)"
             )
-        if self.method != "patchknn":
+        if self.method == "gaussian":
             return create_method(self.method)
         ratio = 1.0 if few_shot else self.coreset_ratio
+        extra = {"context_half": self._backbone().context > 0} if self.method == FUSED else {}
         return create_method(
-            self.method, coreset_ratio=ratio, max_bank_size=self.max_bank_size, seed=self.seed
+            self.method,
+            coreset_ratio=ratio,
+            max_bank_size=self.max_bank_size,
+            seed=self.seed,
+            **extra,
         )
 
     def _views(self, image: np.ndarray, few_shot: bool) -> list[np.ndarray]:
@@ -223,6 +231,12 @@ class Detector:
         if not sources:
             raise ValueError("no normal images given")
         few_shot = self.shots is not None
+        if self.method == FUSED and (few_shot or len(sources) < MIN_IMAGES_FOR_HOLDOUT):
+            raise ValueError(
+                f"method {FUSED} needs at least {MIN_IMAGES_FOR_HOLDOUT} normal images and no "
+                "--shots: it standardises its two scores on held-out normal images; "
+                "use patchknn for few-shot"
+            )
         self.skipped_ = []
         self.method_ = self._new_method(few_shot)
         if len(sources) >= MIN_IMAGES_FOR_HOLDOUT:
@@ -233,10 +247,7 @@ class Detector:
             if first is None:
                 raise self._unreadable_error()
             self.method_.fit(self._bank_grids(itertools.chain([first], bank_images), few_shot))
-            normal = [
-                (p.score, p.anomaly_map)
-                for p in self._predict_loaded(self._loaded(held, "hold-out"))
-            ]
+            normal = self._held_out_scores(self._loaded(held, "hold-out"))
         else:
             references = list(self._loaded(sources, "fit"))
             if not references:
@@ -246,6 +257,17 @@ class Detector:
         self.n_train_ = len(sources) - len(self.skipped_)
         self._set_thresholds(normal)
         return self
+
+    def _held_out_scores(self, images: Iterable[LoadedImage]) -> list[tuple[float, np.ndarray]]:
+        """Score and map of each held-out normal image; a method that standardises its parts
+        (`calibrate`) learns their scale from these images first."""
+        if not hasattr(self.method_, "calibrate"):
+            return [(p.score, p.anomaly_map) for p in self._predict_loaded(images)]
+        parts = [
+            (item.image.shape[:2], self.method_.parts(grid)) for item, grid in self._grids(images)
+        ]
+        self.method_.calibrate([p for _, p in parts])
+        return [self._score_parts(self.method_, p, size) for size, p in parts]
 
     def _unreadable_error(self) -> ValueError:
         return ValueError("none of the normal images could be read: " + "; ".join(self.skipped_))
@@ -272,10 +294,20 @@ class Detector:
         self, method, grid: np.ndarray, size: tuple[int, int]
     ) -> tuple[float, np.ndarray]:
         """Image score and anomaly map (at `size`) of one feature grid."""
-        full = anomaly_map(method.score(grid), size, self.sigma)
         if hasattr(method, "image_score"):  # methods with their own image-level model
-            return method.image_score(grid), full
+            return method.image_score(grid), anomaly_map(method.score(grid), size, self.sigma)
+        if hasattr(method, "parts"):
+            return self._score_parts(method, method.parts(grid), size)
+        full = anomaly_map(method.score(grid), size, self.sigma)
         return image_score(full), full
+
+    def _score_parts(
+        self, method, parts: np.ndarray, size: tuple[int, int]
+    ) -> tuple[float, np.ndarray]:
+        """For a method of several scores per patch: the map of their combination, and the
+        image score from the map of the part the method ranks images with (`image_part`)."""
+        full = anomaly_map(method.combine(parts), size, self.sigma)
+        return image_score(anomaly_map(parts[method.image_part], size, self.sigma)), full
 
     def _set_thresholds(self, normal: list[tuple[float, np.ndarray]]) -> None:
         scores = np.array([score for score, _ in normal])

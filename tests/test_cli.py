@@ -223,13 +223,14 @@ def test_eval_of_all_methods_gives_one_table(
     out = tmp_path / "out.json"
     assert main(["eval", str(dataset), *FAST, "--method", "all", "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
-    assert [r["method"] for r in summary["results"]] == ["patchknn", "gaussian", "mutual"]
-    assert summary["mean"] is None and len(summary["settings"]) == 3
-    mutual = summary["results"][2]
+    methods = ["patchknn", "gaussian", "patchknn+gaussian", "mutual"]
+    assert [r["method"] for r in summary["results"]] == methods
+    assert summary["mean"] is None and len(summary["settings"]) == 4
+    mutual = summary["results"][3]
     assert mutual["n_train"] == 0 and mutual["fit_seconds"] == 0 and mutual["n_test"] == 10
     assert all(0 <= r["image_auroc"] <= 1 for r in summary["results"])
     table = capsys.readouterr().out
-    assert all(m in table for m in ("patchknn", "gaussian", "mutual"))
+    assert all(m in table for m in methods)
 
 
 def test_predict_zero_shot_needs_no_model(
@@ -340,3 +341,13 @@ def test_eval_passes_zero_shot_options_to_its_detectors() -> None:
     )
     scorer = _make_detector(args).scorer
     assert scorer.neighbourhoods == (1, 3) and scorer.rescore_neighbours == 2
+
+
+def test_eval_of_all_methods_with_shots_leaves_out_the_full_shot_fusion(
+    dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.json"
+    args = ["eval", str(dataset), *FAST, "--method", "all", "--shots", "4", "--json", str(out)]
+    assert main(args) == 0
+    methods = [r["method"] for r in json.loads(out.read_text())["results"]]
+    assert methods == ["patchknn", "gaussian", "mutual"]

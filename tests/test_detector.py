@@ -466,6 +466,32 @@ def test_gaussian_method_separates_and_round_trips(
     np.testing.assert_allclose(_scores(loaded.predict(data["bad"])), bad, rtol=1e-5)
 
 
+# --------------------------------------------------------- patchknn+gaussian
+def test_fused_method_separates_and_round_trips(
+    data: dict[str, list[Path]], fitted: Detector, tmp_path: Path
+) -> None:
+    detector = Detector(method="patchknn+gaussian", **OPTIONS).fit(data["train"][0].parent)
+    predictions = detector.predict(data["bad"])
+    good, bad = _scores(detector.predict(data["good"])), _scores(predictions)
+    assert bad.min() > good.max()
+    # image scores come from the kNN part alone: the same as plain patch kNN's
+    np.testing.assert_allclose(bad, _scores(fitted.predict(data["bad"])), rtol=1e-5)
+    assert not np.allclose(predictions[0].anomaly_map, fitted.predict(data["bad"][0]).anomaly_map)
+    # standardised on the two held-out normal images of the 20
+    assert detector.threshold_ is not None and len(detector.normal_scores_) == 2
+    assert detector.backbone_.context == 1.0 and detector.method_.context_half
+    loaded = Detector.load(detector.save(tmp_path / "fused"))
+    assert loaded.method == "patchknn+gaussian"
+    np.testing.assert_allclose(_scores(loaded.predict(data["bad"])), bad, rtol=1e-5)
+
+
+def test_fused_method_refuses_few_shot_naming_the_reason(data: dict[str, list[Path]]) -> None:
+    with pytest.raises(ValueError, match="held-out normal images"):
+        Detector(method="patchknn+gaussian", shots=4, **OPTIONS).fit(data["train"])
+    with pytest.raises(ValueError, match="at least 10 normal images"):
+        Detector(method="patchknn+gaussian", **OPTIONS).fit(data["train"][:5])
+
+
 # ----------------------------------------------------------------- zero-shot
 def test_zero_shot_ranks_defects_first_without_references(data: dict[str, list[Path]]) -> None:
     batch = data["train"][:12] + data["bad"][:2]

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.methods.gaussian import GaussianScorer
 from normalcy.methods.patchknn import PatchKNN
 
-METHODS: dict[str, type] = {PatchKNN.name: PatchKNN, GaussianScorer.name: GaussianScorer}
+METHODS: dict[str, type] = {
+    PatchKNN.name: PatchKNN,
+    GaussianScorer.name: GaussianScorer,
+    KNNGaussianFusion.name: KNNGaussianFusion,
+}
 
 
 def create_method(name: str, **params: Any):

@@ -63,6 +63,21 @@ class Moments:
         return mean, shrunk, float(shrinkage)
 
 
+class FeatureSums:
+    """Running sums of single patches and of whole-image mean features, grid by grid."""
+
+    def __init__(self) -> None:
+        self.patches: Moments | None = None
+        self.images: Moments | None = None
+
+    def add(self, grid: np.ndarray) -> None:
+        flat = grid.reshape(-1, grid.shape[-1])
+        if self.patches is None or self.images is None:
+            self.patches, self.images = Moments(flat.shape[1]), Moments(flat.shape[1])
+        self.patches.add(flat)
+        self.images.add(flat.mean(axis=0))
+
+
 def whitening(cov: np.ndarray, low_variance_fraction: float | None) -> np.ndarray:
     """A (dims, k) matrix W with |W^T (x - mean)| the Mahalanobis distance.
 
@@ -99,17 +114,18 @@ class GaussianScorer:
 
     def fit(self, features: Iterable[np.ndarray]) -> GaussianScorer:
         """Fit both Gaussians from per-image feature grids (h, w, C)."""
-        patches = images = None
+        sums = FeatureSums()
         for grid in features:
-            flat = grid.reshape(-1, grid.shape[-1])
-            if patches is None:
-                patches, images = Moments(flat.shape[1]), Moments(flat.shape[1])
-            patches.add(flat)
-            images.add(flat.mean(axis=0))
-        if images is None or images.n < 2:
+            sums.add(grid)
+        return self.fit_sums(sums)
+
+    def fit_sums(self, sums: FeatureSums) -> GaussianScorer:
+        """Fit both Gaussians from sums gathered elsewhere (one pass shared with another
+        method)."""
+        if sums.images is None or sums.images.n < 2:
             raise ValueError("the gaussian method needs at least 2 normal images")
-        self.image_mean_, image_cov, self.image_shrinkage_ = images.mean_and_covariance()
-        self.patch_mean_, patch_cov, self.patch_shrinkage_ = patches.mean_and_covariance()
+        self.image_mean_, image_cov, self.image_shrinkage_ = sums.images.mean_and_covariance()
+        self.patch_mean_, patch_cov, self.patch_shrinkage_ = sums.patches.mean_and_covariance()
         self.image_whitening_ = whitening(image_cov, self.low_variance_fraction)
         self.patch_whitening_ = whitening(patch_cov, self.low_variance_fraction)
         return self
