@@ -46,7 +46,7 @@ FEW_SHOT_MAX = 16
 # Weight of the image-context half of each patch descriptor (see `aggregate`) when the user
 # gives none: equal to the appearance half for patch kNN, off for the methods it was not
 # measured with.
-DEFAULT_CONTEXT = {"patchknn": 1.0, "patchknn+gaussian": 1.0}
+DEFAULT_CONTEXT = {"patchknn": 1.0, FUSED: 1.0}
 ZERO_SHOT_HINT = (
     "with no normal images, score a batch of images against each other instead: "
     "normalcy predict --zero-shot INPUT_DIR -o OUT"
