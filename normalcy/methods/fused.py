@@ -71,7 +71,7 @@ class KNNGaussianFusion:
         """Each part's mean and spread over the patches of held-out normal images."""
         if not normal_parts:
             raise ValueError(f"{self.name} needs held-out normal images to standardise its parts")
-        values = np.concatenate([p.reshape(2, -1) for p in normal_parts], axis=1)
+        values = np.concatenate([p.reshape(len(p), -1) for p in normal_parts], axis=1)
         self.part_mean_ = values.mean(axis=1)
         self.part_std_ = np.maximum(values.std(axis=1), np.finfo(np.float32).tiny)
         return self
