@@ -32,7 +32,7 @@ browser:
 		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) || \
 		echo "chromium could not be installed: the browser test will be skipped"
 
-bench: $(STAMP)  ## the 224 px rows on the full set: about two hours on a 2-core CPU
+bench: $(STAMP)  ## the 224 px rows on the full set: about two and a half hours on a 2-core CPU
 	$(BIN)/python benchmarks/run.py
 
 clean:

@@ -41,6 +41,8 @@ def _rows() -> dict[str, list[str]]:
             rows[f"dinov2-{size}-{shots}shot"] = [*base, "--shots", str(shots), *DRAWS]
         rows[f"dinov2-{size}-gaussian"] = [*base, "--method", "gaussian"]
         rows[f"dinov2-{size}-fused"] = [*base, "--method", "patchknn+gaussian"]
+        rows[f"dinov2-{size}-full-dense"] = [*base, "--dense-map"]
+        rows[f"dinov2-{size}-fused-dense"] = [*base, "--method", "patchknn+gaussian", "--dense-map"]
         rows[f"dinov2-{size}-mutual"] = [*base, "--method", "mutual"]
         # Zero-shot with fine detail only and no re-scoring (for defect-heavy batches).
         rows[f"dinov2-{size}-mutual-fine"] = [

@@ -93,6 +93,13 @@ def _detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) -
         help="weight of each patch's difference from its image's median patch, added to its "
         "features (default 1 for the patchknn methods, 0 for the others; 0: off)",
     )
+    parser.add_argument(
+        "--dense-map",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="score patches at half the backbone stride for a finer map (three more shifted "
+        "backbone passes per image; scores and decisions unchanged)",
+    )
     if MUTUAL in methods:
         _zero_shot_options(parser)
 
@@ -108,6 +115,7 @@ def _make_detector(args: argparse.Namespace, method: str | None = None, **extra)
         layers=args.layers,
         scorer=_scorer(args) if "mutual_sizes" in args else None,
         context=args.context,
+        dense_map=args.dense_map,
         **extra,
     )
 

@@ -104,6 +104,9 @@ class Detector:
     scorer: the zero-shot scorer for method "mutual" (default `MutualScorer()`).
     context: weight of each patch's difference from its image's median patch, appended to
         its features (0 = off; None: 1 for the patch-kNN methods, 0 for the others).
+    dense_map: score images at half the backbone stride (three more shifted backbone passes
+        and four times the patches searched) for a finer map; image scores and decisions
+        stay those of the plain grid. Used when predicting, not for the bank.
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class Detector:
         seed: int = 0,
         scorer: MutualScorer | None = None,
         context: float | None = None,
+        dense_map: bool = False,
     ) -> None:
         if shots is not None and shots < 1:
             raise ValueError(f"shots must be at least 1, got {shots}")
@@ -149,6 +153,7 @@ class Detector:
         self.seed = seed
         self.scorer = scorer
         self.context = context
+        self.dense_map = dense_map
 
     # ----------------------------------------------------------------- features
     def _backbone(self) -> Backbone:
@@ -164,12 +169,15 @@ class Detector:
             )
         return self.backbone_
 
-    def _grids(self, images: Iterable[LoadedImage]) -> Iterator[tuple[LoadedImage, np.ndarray]]:
+    def _grids(
+        self, images: Iterable[LoadedImage], dense: bool = False
+    ) -> Iterator[tuple[LoadedImage, np.ndarray]]:
         """Feature grids, computed a batch at a time so memory stays bounded."""
         backbone = self._backbone()
         remaining = iter(images)
         while batch := list(itertools.islice(remaining, self.batch_size)):
-            yield from zip(batch, backbone.features([b.image for b in batch]), strict=True)
+            grids = backbone.features([b.image for b in batch], dense=dense)
+            yield from zip(batch, grids, strict=True)
 
     def _loaded(self, sources: Sequence[ImageInput], what: str) -> Iterator[LoadedImage]:
         """Decoded images; a broken file is logged by name and skipped, never fatal."""
@@ -264,10 +272,11 @@ class Detector:
         if not hasattr(self.method_, "calibrate"):
             return [(p.score, p.anomaly_map) for p in self._predict_loaded(images)]
         parts = [
-            (item.image.shape[:2], self.method_.parts(grid)) for item, grid in self._grids(images)
+            (item.image.shape[:2], self.method_.parts(grid))
+            for item, grid in self._grids(images, self.dense_map)
         ]
         self.method_.calibrate([p for _, p in parts])
-        return [self._score_parts(self.method_, p, size) for size, p in parts]
+        return [self._score_parts(self.method_, p, size, self.dense_map) for size, p in parts]
 
     def _unreadable_error(self) -> ValueError:
         return ValueError("none of the normal images could be read: " + "; ".join(self.skipped_))
@@ -279,6 +288,11 @@ class Detector:
         if len(references) < 2:
             return []
         grids = [list(self._bank_grids([r], few_shot)) for r in references]
+        probes = (
+            [grid for _, grid in self._grids(references, dense=True)]
+            if self.dense_map
+            else [views[0] for views in grids]
+        )
         results = []
         for i, reference in enumerate(references):
             method = self._new_method(few_shot)
@@ -287,27 +301,36 @@ class Detector:
             except ValueError as error:  # e.g. too few images left for a Gaussian
                 log.warning("no leave-one-out score for %s: %s", reference.name, error)
                 continue
-            results.append(self._score_grid(method, grids[i][0], reference.image.shape[:2]))
+            size = reference.image.shape[:2]
+            results.append(self._score_grid(method, probes[i], size, self.dense_map))
         return results
 
     def _score_grid(
-        self, method, grid: np.ndarray, size: tuple[int, int]
+        self, method, grid: np.ndarray, size: tuple[int, int], dense: bool = False
     ) -> tuple[float, np.ndarray]:
-        """Image score and anomaly map (at `size`) of one feature grid."""
+        """Image score and anomaly map (at `size`) of one feature grid (`dense`: at half
+        stride, whose even rows and columns are the plain grid the image score comes from)."""
         if hasattr(method, "image_score"):  # methods with their own image-level model
-            return method.image_score(grid), anomaly_map(method.score(grid), size, self.sigma)
+            plain = grid[::2, ::2] if dense else grid
+            return method.image_score(plain), self._map(method.score(grid), size, dense)
         if hasattr(method, "parts"):
-            return self._score_parts(method, method.parts(grid), size)
-        full = anomaly_map(method.score(grid), size, self.sigma)
-        return image_score(full), full
+            return self._score_parts(method, method.parts(grid), size, dense)
+        scores = method.score(grid)
+        full = self._map(scores, size, dense)
+        plain = self._map(scores[::2, ::2], size, False) if dense else full
+        return image_score(plain), full
 
     def _score_parts(
-        self, method, parts: np.ndarray, size: tuple[int, int]
+        self, method, parts: np.ndarray, size: tuple[int, int], dense: bool = False
     ) -> tuple[float, np.ndarray]:
         """For a method of several scores per patch: the map of their combination, and the
         image score from the map of the part the method ranks images with (`image_part`)."""
-        full = anomaly_map(method.combine(parts), size, self.sigma)
-        return image_score(anomaly_map(parts[method.image_part], size, self.sigma)), full
+        full = self._map(method.combine(parts), size, dense)
+        ranked = parts[method.image_part]
+        return image_score(self._map(ranked[::2, ::2] if dense else ranked, size, False)), full
+
+    def _map(self, patch_scores: np.ndarray, size: tuple[int, int], dense: bool) -> np.ndarray:
+        return anomaly_map(patch_scores, size, self.sigma, dense)
 
     def _set_thresholds(self, normal: list[tuple[float, np.ndarray]]) -> None:
         scores = np.array([score for score, _ in normal])
@@ -339,8 +362,8 @@ class Detector:
     def _predict_loaded(self, images: Iterable[LoadedImage]) -> Iterator[Prediction]:
         threshold = getattr(self, "threshold_", None)
         pixel_threshold = getattr(self, "pixel_threshold_", None)
-        for item, grid in self._grids(images):
-            score, full = self._score_grid(self.method_, grid, item.image.shape[:2])
+        for item, grid in self._grids(images, self.dense_map):
+            score, full = self._score_grid(self.method_, grid, item.image.shape[:2], self.dense_map)
             yield _prediction(item.name, score, full, threshold, pixel_threshold)
 
     def zero_shot(
@@ -457,6 +480,7 @@ class Detector:
             "augment": self.augment,
             "fpr": self.fpr,
             "sigma": self.sigma,
+            "dense_map": self.dense_map,
             "threshold": self.threshold_,
             "threshold_source": self.threshold_source_,
             "pixel_threshold": self.pixel_threshold_,
@@ -530,6 +554,7 @@ class Detector:
             sigma=config["sigma"],
             weights=weights,
             context=backbone.get("context", 0.0),  # saved before the option existed: none
+            dense_map=config.get("dense_map", False),
         )
         arrays = load_file(str(folder / "method.safetensors"))
         detector.method_ = method_from_state(method["name"], method["params"], arrays)

@@ -12,13 +12,20 @@ SIGMA_AT_256 = 4.0
 TOP_FRACTION = 0.01
 
 
-def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int], sigma: float) -> np.ndarray:
+def anomaly_map(
+    patch_scores: np.ndarray, size: tuple[int, int], sigma: float, dense: bool = False
+) -> np.ndarray:
     """Patch scores (h, w) upsampled bilinearly to `size` (H, W) and Gaussian-smoothed.
 
     `sigma` is in pixels at a 256-pixel short side; it is scaled to the image.
+    dense: the scores are a half-stride grid (`Backbone.features(dense=True)`), whose
+    outer patch centres lie half a stride inside the image edges instead of tiling it.
     """
     grid = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[None, None]
-    full = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    if dense:
+        # The edge rows and columns extended to the image border, where the corners sit.
+        grid = F.pad(grid, (1, 1, 1, 1), mode="replicate")
+    full = F.interpolate(grid, size=size, mode="bilinear", align_corners=dense)[0, 0].numpy()
     if sigma > 0:
         full = gaussian_filter(full, sigma=sigma * min(size) / 256, mode="nearest", truncate=3.0)
     return full

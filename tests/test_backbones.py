@@ -16,6 +16,8 @@ from normalcy.backbones import (
     aggregate,
     create_backbone,
     default_layers,
+    half_stride_views,
+    interleave,
 )
 
 
@@ -111,6 +113,41 @@ def test_features_of_mixed_sizes_come_back_one_grid_per_image_in_order(lite0: Ba
         assert grid.dtype == np.float32 and grid.flags.c_contiguous
     for image, grid in zip(images, grids, strict=True):  # each matches the image on its own
         np.testing.assert_allclose(lite0.features([image])[0], grid, atol=1e-4)
+
+
+def test_dense_features_hold_the_plain_grid_on_even_rows_and_columns() -> None:
+    backbone = create_backbone("efficientnet_lite0", 64, context=1.0)
+    image = _image(80, 96)
+    (plain,) = backbone.features([image])
+    (dense,) = backbone.features([image], dense=True)
+    assert dense.shape == (2 * plain.shape[0] - 1, 2 * plain.shape[1] - 1, plain.shape[2])
+    np.testing.assert_allclose(dense[::2, ::2], plain, atol=1e-5)
+    assert not np.allclose(dense[1::2, ::2], plain[:-1], atol=1e-3)  # shifted views differ
+
+
+def test_half_stride_views_move_the_image_up_and_left() -> None:
+    batch = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    views = half_stride_views(batch, 2)
+    assert views.shape == (8, 3, 8, 8)
+    second = views[4:]  # the second image's four views
+    torch.testing.assert_close(second[0], batch[1])
+    torch.testing.assert_close(second[1][..., :6], batch[1][..., 2:])  # moved left
+    torch.testing.assert_close(second[2][..., :6, :], batch[1][..., 2:, :])  # moved up
+    torch.testing.assert_close(second[3][..., :6, :6], batch[1][..., 2:, 2:])
+
+
+def test_interleave_places_each_view_at_its_half_stride_offset() -> None:
+    # View (dy, dx) of image b is filled with 100 b + 10 dy + dx.
+    values = torch.tensor(
+        [100 * b + 10 * dy + dx for b in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+    )
+    grids = values.float().view(8, 1, 1, 1).expand(8, 2, 3, 4)
+    dense = interleave(grids)
+    assert dense.shape == (2, 2, 5, 7)
+    for b in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                assert (dense[b, :, dy::2, dx::2] == 100 * b + 10 * dy + dx).all()
 
 
 def test_features_of_different_images_differ(lite0: Backbone) -> None:

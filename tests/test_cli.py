@@ -55,6 +55,7 @@ def test_fit_writes_a_model_directory(model: Path) -> None:
     assert config["backbone"]["image_size"] == 64
     assert config["n_train"] == 12 and config["threshold"] is not None
     assert config["backbone"]["context"] == 1.0  # the patch kNN default
+    assert config["dense_map"] is False
 
 
 def test_fit_reports_where_it_saved(
@@ -73,6 +74,13 @@ def test_fit_context_option_reaches_the_saved_model(dataset: Path, tmp_path: Pat
     argv = ["fit", str(dataset / "train" / "good"), "-o", str(target), *FAST, "--shots", "2"]
     assert main([*argv, "--context", "0.5"]) == 0
     assert json.loads((target / "config.json").read_text())["backbone"]["context"] == 0.5
+
+
+def test_fit_dense_map_option_reaches_the_saved_model(dataset: Path, tmp_path: Path) -> None:
+    target = tmp_path / "m"
+    argv = ["fit", str(dataset / "train" / "good"), "-o", str(target), *FAST, "--shots", "2"]
+    assert main([*argv, "--dense-map"]) == 0
+    assert json.loads((target / "config.json").read_text())["dense_map"] is True
 
 
 def test_fit_on_a_missing_folder_exits_2_naming_it(

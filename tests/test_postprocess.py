@@ -36,6 +36,25 @@ def test_upsampling_is_bilinear_between_patch_centres() -> None:
     assert np.all(np.diff(row) >= 0) and 0 < row[4] < 1
 
 
+def test_a_dense_grid_puts_each_patch_centre_at_its_place_in_the_image() -> None:
+    # Plain grid of 4 patches of 8 px over 32 px: the half-stride grid has 7 centres, at
+    # 4, 8, ..., 28 px. A spike at dense patch j must peak at pixel 4 (j + 1).
+    for j in range(7):
+        patches = np.zeros((1, 7))
+        patches[0, j] = 1.0
+        row = anomaly_map(patches, (1, 33), sigma=0, dense=True)[0]
+        centre = 4 * (j + 1)
+        assert row[centre] == pytest.approx(1.0)
+        for neighbour in (centre - 4, centre + 4):  # the centres of the patches beside it
+            if 4 <= neighbour <= 28:
+                assert row[neighbour] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_dense_grid_keeps_a_constant_map_constant_up_to_the_edges() -> None:
+    full = anomaly_map(np.full((7, 11), 1.5), (40, 60), sigma=SIGMA_AT_256, dense=True)
+    np.testing.assert_allclose(full, 1.5, rtol=1e-6)
+
+
 def test_smoothing_roughly_preserves_the_mean() -> None:
     patches = np.random.default_rng(1).random((16, 16)).astype(np.float32)
     sharp = anomaly_map(patches, (256, 256), sigma=0)

@@ -87,28 +87,60 @@ class Backbone(nn.Module):
         """Feature grids (B, C_l, h_l, w_l) of each layer for a (B, 3, H, W) batch in [0, 1]."""
         return self.network((batch - self.mean) / self.std)
 
-    def features(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def features(self, images: list[np.ndarray], dense: bool = False) -> list[np.ndarray]:
         """One (h, w, C) float32 feature grid per uint8 RGB image; same-size images share a
-        forward pass."""
+        forward pass.
+
+        dense: also run the image shifted by half a stride down, right and both, and
+        interleave the four grids into one (2h - 1, 2w - 1) grid at half the stride; its
+        even rows and columns are the plain grid. The image context of every patch is taken
+        from the plain grid's median patch.
+        """
         out: list[np.ndarray | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
             groups.setdefault(self.input_size(*image.shape[:2]), []).append(index)
         for indices in groups.values():
             batch = torch.stack([self.preprocess(images[i]) for i in indices])
-            grids = aggregate(self(batch), self.pool, self.context).permute(0, 2, 3, 1).numpy()
-            for i, grid in zip(indices, grids, strict=True):
+            views = half_stride_views(batch, self.stride // 2) if dense else batch
+            grids = aggregate(self(views), self.pool, self.context, len(views) // len(batch))
+            if dense:
+                grids = interleave(grids)
+            for i, grid in zip(indices, grids.permute(0, 2, 3, 1).numpy(), strict=True):
                 out[i] = np.ascontiguousarray(grid)
         return out  # type: ignore[return-value]
 
 
-def aggregate(maps: list[torch.Tensor], pool: int, context: float = 0.0) -> torch.Tensor:
+def half_stride_views(batch: torch.Tensor, shift: int) -> torch.Tensor:
+    """(4B, 3, H, W): each image as is, then moved up by `shift` px, left, and both; the
+    edge uncovered is mirrored in (its patches are dropped by `interleave`)."""
+    height, width = batch.shape[-2:]
+    padded = F.pad(batch, (0, shift, 0, shift), mode="reflect")
+    views = [
+        padded[..., dy : dy + height, dx : dx + width] for dy in (0, shift) for dx in (0, shift)
+    ]
+    return torch.stack(views, dim=1).flatten(0, 1)
+
+
+def interleave(grids: torch.Tensor) -> torch.Tensor:
+    """(4B, C, h, w) grids of `half_stride_views` -> (B, C, 2h - 1, 2w - 1) at half stride;
+    the last row and column of the shifted views, which see the mirrored edge, are dropped."""
+    views = grids.unflatten(0, (-1, 2, 2))  # (B, dy, dx, C, h, w)
+    batch, _, _, channels, height, width = views.shape
+    dense = views.permute(0, 3, 4, 1, 5, 2).reshape(batch, channels, 2 * height, 2 * width)
+    return dense[..., :-1, :-1]
+
+
+def aggregate(
+    maps: list[torch.Tensor], pool: int, context: float = 0.0, views: int = 1
+) -> torch.Tensor:
     """One (B, C, h, w) grid: each layer locally averaged over `pool` x `pool` patches,
     resized to the finest grid, L2-normalised so every layer weighs the same, concatenated.
 
     context > 0 appends each patch's difference from its own image's median patch, times
     `context` (channels double): a patch is then judged both by how it looks and by how it
-    stands out from the rest of its image.
+    stands out from the rest of its image. With `views` > 1 the batch holds that many
+    consecutive views of each image, and the median patch is the first view's.
     """
     height, width = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
     parts = []
@@ -121,7 +153,8 @@ def aggregate(maps: list[torch.Tensor], pool: int, context: float = 0.0) -> torc
     features = torch.cat(parts, dim=1)
     if context <= 0:
         return features
-    median = features.flatten(2).median(dim=2).values[..., None, None]
+    median = features[::views].flatten(2).median(dim=2).values[..., None, None]
+    median = median.repeat_interleave(views, dim=0)
     return torch.cat([features, context * (features - median)], dim=1)
 
 
