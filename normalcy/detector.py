@@ -276,7 +276,7 @@ class Detector:
             for item, grid in self._grids(images, self.dense_map)
         ]
         self.method_.calibrate([p for _, p in parts])
-        return [self._score_parts(self.method_, p, size, self.dense_map) for size, p in parts]
+        return [self._score_parts(self.method_, p, size) for size, p in parts]
 
     def _unreadable_error(self) -> ValueError:
         return ValueError("none of the normal images could be read: " + "; ".join(self.skipped_))
@@ -301,36 +301,38 @@ class Detector:
             except ValueError as error:  # e.g. too few images left for a Gaussian
                 log.warning("no leave-one-out score for %s: %s", reference.name, error)
                 continue
-            size = reference.image.shape[:2]
-            results.append(self._score_grid(method, probes[i], size, self.dense_map))
+            results.append(self._score_grid(method, probes[i], reference.image.shape[:2]))
         return results
 
     def _score_grid(
-        self, method, grid: np.ndarray, size: tuple[int, int], dense: bool = False
+        self, method, grid: np.ndarray, size: tuple[int, int]
     ) -> tuple[float, np.ndarray]:
-        """Image score and anomaly map (at `size`) of one feature grid (`dense`: at half
-        stride, whose even rows and columns are the plain grid the image score comes from)."""
+        """Image score and anomaly map (at `size`) of one feature grid (with `dense_map`, a
+        half-stride grid: the image score comes from its plain-stride part)."""
         if hasattr(method, "image_score"):  # methods with their own image-level model
-            plain = grid[::2, ::2] if dense else grid
-            return method.image_score(plain), self._map(method.score(grid), size, dense)
+            return method.image_score(self._plain(grid)), self._map(method.score(grid), size)
         if hasattr(method, "parts"):
-            return self._score_parts(method, method.parts(grid), size, dense)
+            return self._score_parts(method, method.parts(grid), size)
         scores = method.score(grid)
-        full = self._map(scores, size, dense)
-        plain = self._map(scores[::2, ::2], size, False) if dense else full
+        full = self._map(scores, size)
+        plain = anomaly_map(self._plain(scores), size, self.sigma) if self.dense_map else full
         return image_score(plain), full
 
     def _score_parts(
-        self, method, parts: np.ndarray, size: tuple[int, int], dense: bool = False
+        self, method, parts: np.ndarray, size: tuple[int, int]
     ) -> tuple[float, np.ndarray]:
         """For a method of several scores per patch: the map of their combination, and the
         image score from the map of the part the method ranks images with (`image_part`)."""
-        full = self._map(method.combine(parts), size, dense)
-        ranked = parts[method.image_part]
-        return image_score(self._map(ranked[::2, ::2] if dense else ranked, size, False)), full
+        ranked = anomaly_map(self._plain(parts[method.image_part]), size, self.sigma)
+        return image_score(ranked), self._map(method.combine(parts), size)
 
-    def _map(self, patch_scores: np.ndarray, size: tuple[int, int], dense: bool) -> np.ndarray:
-        return anomaly_map(patch_scores, size, self.sigma, dense)
+    def _map(self, patch_scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Anomaly map of scores on the grid `_grids` gives when predicting."""
+        return anomaly_map(patch_scores, size, self.sigma, self.dense_map)
+
+    def _plain(self, grid: np.ndarray) -> np.ndarray:
+        """The plain-stride part of a predicting grid: the even rows and columns of a dense one."""
+        return grid[::2, ::2] if self.dense_map else grid
 
     def _set_thresholds(self, normal: list[tuple[float, np.ndarray]]) -> None:
         scores = np.array([score for score, _ in normal])
@@ -363,7 +365,7 @@ class Detector:
         threshold = getattr(self, "threshold_", None)
         pixel_threshold = getattr(self, "pixel_threshold_", None)
         for item, grid in self._grids(images, self.dense_map):
-            score, full = self._score_grid(self.method_, grid, item.image.shape[:2], self.dense_map)
+            score, full = self._score_grid(self.method_, grid, item.image.shape[:2])
             yield _prediction(item.name, score, full, threshold, pixel_threshold)
 
     def zero_shot(
