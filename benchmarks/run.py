@@ -37,6 +37,8 @@ def _rows() -> dict[str, list[str]]:
         rows[f"dinov2-{size}-full"] = base
         # Without the image-context half of the descriptor (the default before it existed).
         rows[f"dinov2-{size}-full-nocontext"] = [*base, "--context", "0"]
+        # Maps without gap filling (the default before it existed).
+        rows[f"dinov2-{size}-full-noclosing"] = [*base, "--closing", "1"]
         for shots in (1, 2, 4, 8, 16):
             rows[f"dinov2-{size}-{shots}shot"] = [*base, "--shots", str(shots), *DRAWS]
         rows[f"dinov2-{size}-gaussian"] = [*base, "--method", "gaussian"]

@@ -51,6 +51,17 @@ def _backbone_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _map_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--closing",
+        type=int,
+        default=3,
+        metavar="N",
+        help="fill dips in the anomaly map up to N patches wide, so broad defects that light "
+        "up only at their outline are covered (maps and masks only; 1: off)",
+    )
+
+
 def _zero_shot_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("zero-shot scoring options (method mutual)")
     group.add_argument(
@@ -100,6 +111,7 @@ def _detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) -
         help="score patches at half the backbone stride for a finer map (three more shifted "
         "backbone passes per image; scores and decisions unchanged)",
     )
+    _map_options(parser)
     if MUTUAL in methods:
         _zero_shot_options(parser)
 
@@ -116,6 +128,7 @@ def _make_detector(args: argparse.Namespace, method: str | None = None, **extra)
         scorer=_scorer(args) if "mutual_sizes" in args else None,
         context=args.context,
         dense_map=args.dense_map,
+        closing=args.closing,
         **extra,
     )
 
@@ -181,6 +194,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             progress=not args.json,
             scorer=_scorer(args),
+            closing=args.closing,
         )
         return _write_predictions(args, detector, detector.zero_shot(args.paths), "zero-shot")
     if len(args.paths) < 2:
@@ -426,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--weights", default=None, help="backbone weights file to use")
     zero_shot = predict.add_argument_group("zero-shot feature options")
     _backbone_options(zero_shot)
+    _map_options(zero_shot)
     _zero_shot_options(predict)
     predict.set_defaults(func=cmd_predict)
 

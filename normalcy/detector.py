@@ -30,7 +30,13 @@ from normalcy.data import (
 from normalcy.methods import create_method, method_from_state
 from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.methods.mutual import MutualScorer
-from normalcy.postprocess import SIGMA_AT_256, anomaly_map, image_score, threshold_at_fpr
+from normalcy.postprocess import (
+    SIGMA_AT_256,
+    anomaly_map,
+    fill_gaps,
+    image_score,
+    threshold_at_fpr,
+)
 
 log = logging.getLogger("normalcy")
 
@@ -107,6 +113,9 @@ class Detector:
     dense_map: score images at half the backbone stride (three more shifted backbone passes
         and four times the patches searched) for a finer map; image scores and decisions
         stay those of the plain grid. Used when predicting, not for the bank.
+    closing: width in patches of the grey-level closing applied to patch scores before they
+        become a map (1 = off): fills the inside of broad defects that light up only at their
+        outline. Maps and masks only; image scores come from the unfilled map.
     """
 
     def __init__(
@@ -129,6 +138,7 @@ class Detector:
         scorer: MutualScorer | None = None,
         context: float | None = None,
         dense_map: bool = False,
+        closing: int = 3,
     ) -> None:
         if shots is not None and shots < 1:
             raise ValueError(f"shots must be at least 1, got {shots}")
@@ -136,6 +146,8 @@ class Detector:
             raise ValueError(f"fpr must be in [0, 1), got {fpr}")
         if context is not None and context < 0:
             raise ValueError(f"context must be non-negative, got {context}")
+        if closing < 1:
+            raise ValueError(f"closing must be at least 1 patch (1 = off), got {closing}")
         self.backbone = backbone
         self.method = method
         self.image_size = image_size
@@ -154,6 +166,7 @@ class Detector:
         self.scorer = scorer
         self.context = context
         self.dense_map = dense_map
+        self.closing = closing
 
     # ----------------------------------------------------------------- features
     def _backbone(self) -> Backbone:
@@ -314,21 +327,30 @@ class Detector:
         if hasattr(method, "parts"):
             return self._score_parts(method, method.parts(grid), size)
         scores = method.score(grid)
-        full = self._map(scores, size)
-        plain = anomaly_map(self._plain(scores), size, self.sigma) if self.dense_map else full
-        return image_score(plain), full
+        return self._rank(self._plain(scores), size), self._map(scores, size)
 
     def _score_parts(
         self, method, parts: np.ndarray, size: tuple[int, int]
     ) -> tuple[float, np.ndarray]:
         """For a method of several scores per patch: the map of their combination, and the
         image score from the map of the part the method ranks images with (`image_part`)."""
-        ranked = anomaly_map(self._plain(parts[method.image_part]), size, self.sigma)
-        return image_score(ranked), self._map(method.combine(parts), size)
+        ranked = self._rank(self._plain(parts[method.image_part]), size)
+        return ranked, self._map(method.combine(parts), size)
 
-    def _map(self, patch_scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """Anomaly map of scores on the grid `_grids` gives when predicting."""
-        return anomaly_map(patch_scores, size, self.sigma, self.dense_map)
+    def _rank(self, plain_scores: np.ndarray, size: tuple[int, int]) -> float:
+        """Image score of plain-stride patch scores, from their map without gap filling
+        (filling raises the busy texture of normal images too, blurring the ranking)."""
+        return image_score(anomaly_map(plain_scores, size, self.sigma))
+
+    def _map(
+        self, patch_scores: np.ndarray, size: tuple[int, int], dense: bool | None = None
+    ) -> np.ndarray:
+        """Anomaly map of patch scores on the grid `_grids` gives when predicting (dense:
+        whether that grid is the half-stride one; by default `dense_map`)."""
+        dense = self.dense_map if dense is None else dense
+        # The same closing extent in the image on a grid of twice the density.
+        width = 2 * self.closing - 1 if dense else self.closing
+        return anomaly_map(fill_gaps(patch_scores, width), size, self.sigma, dense)
 
     def _plain(self, grid: np.ndarray) -> np.ndarray:
         """The plain-stride part of a predicting grid: the even rows and columns of a dense one."""
@@ -400,11 +422,13 @@ class Detector:
         )
         patch_scores = scorer.score_batch(grids, on_block=bar.update)
         bar.close()
+        shapes = [shape for _, _, shape in readable]
         maps = [
-            anomaly_map(scores, shape, self.sigma)
-            for scores, (_, _, shape) in zip(patch_scores, readable, strict=True)
+            self._map(scores, shape, dense=False)
+            for scores, shape in zip(patch_scores, shapes, strict=True)
         ]
-        image_scores = scorer.rescore(np.array([image_score(m) for m in maps]), grids)
+        ranked = [self._rank(s, shape) for s, shape in zip(patch_scores, shapes, strict=True)]
+        image_scores = scorer.rescore(np.array(ranked), grids)
         self.threshold_ = self.threshold
         for (position, name, _), score, full in zip(readable, image_scores, maps, strict=True):
             results[position] = _prediction(name, float(score), full, self.threshold, None)
@@ -483,6 +507,7 @@ class Detector:
             "fpr": self.fpr,
             "sigma": self.sigma,
             "dense_map": self.dense_map,
+            "closing": self.closing,
             "threshold": self.threshold_,
             "threshold_source": self.threshold_source_,
             "pixel_threshold": self.pixel_threshold_,
@@ -557,6 +582,7 @@ class Detector:
             weights=weights,
             context=backbone.get("context", 0.0),  # saved before the option existed: none
             dense_map=config.get("dense_map", False),
+            closing=config.get("closing", 1),  # saved before the option existed: none
         )
         arrays = load_file(str(folder / "method.safetensors"))
         detector.method_ = method_from_state(method["name"], method["params"], arrays)

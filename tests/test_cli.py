@@ -69,18 +69,24 @@ def test_fit_reports_where_it_saved(
     assert json.loads((target / "config.json").read_text())["shots"] == 2
 
 
-def test_fit_context_option_reaches_the_saved_model(dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("option", "keys", "expected"),
+    [
+        (["--context", "0.5"], ["backbone", "context"], 0.5),
+        (["--dense-map"], ["dense_map"], True),
+        (["--closing", "5"], ["closing"], 5),
+    ],
+)
+def test_fit_map_and_feature_options_reach_the_saved_model(
+    dataset: Path, tmp_path: Path, option: list[str], keys: list[str], expected: object
+) -> None:
     target = tmp_path / "m"
     argv = ["fit", str(dataset / "train" / "good"), "-o", str(target), *FAST, "--shots", "2"]
-    assert main([*argv, "--context", "0.5"]) == 0
-    assert json.loads((target / "config.json").read_text())["backbone"]["context"] == 0.5
-
-
-def test_fit_dense_map_option_reaches_the_saved_model(dataset: Path, tmp_path: Path) -> None:
-    target = tmp_path / "m"
-    argv = ["fit", str(dataset / "train" / "good"), "-o", str(target), *FAST, "--shots", "2"]
-    assert main([*argv, "--dense-map"]) == 0
-    assert json.loads((target / "config.json").read_text())["dense_map"] is True
+    assert main([*argv, *option]) == 0
+    config = json.loads((target / "config.json").read_text())
+    for key in keys:
+        config = config[key]
+    assert config == expected
 
 
 def test_fit_on_a_missing_folder_exits_2_naming_it(

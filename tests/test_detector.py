@@ -379,6 +379,43 @@ def test_a_model_saved_before_the_dense_map_option_loads_without_it(
     assert not Detector.load(model).dense_map
 
 
+def _assert_filled_maps_only(filled: list[Prediction], plain: list[Prediction]) -> None:
+    """Same image scores; every map at or above the unfilled one, and some raised."""
+    np.testing.assert_array_equal(_scores(filled), _scores(plain))
+    pairs = list(zip(filled, plain, strict=True))
+    assert all((a.anomaly_map >= b.anomaly_map - 1e-5).all() for a, b in pairs)
+    assert any(not np.allclose(a.anomaly_map, b.anomaly_map) for a, b in pairs)
+
+
+def test_filling_gaps_changes_maps_only_never_scores_or_thresholds(
+    fitted: Detector, data: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    assert fitted.closing == 3  # the default
+    unfilled = Detector(**OPTIONS, closing=1).fit(data["train"])
+    inputs = data["good"] + data["bad"]
+    filled, plain = fitted.predict(inputs), unfilled.predict(inputs)
+    _assert_filled_maps_only(filled, plain)
+    assert fitted.threshold_ == unfilled.threshold_
+    loaded = Detector.load(unfilled.save(tmp_path / "unfilled"))
+    assert loaded.closing == 1
+    np.testing.assert_allclose(
+        loaded.predict(inputs[0]).anomaly_map, plain[0].anomaly_map, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_a_model_saved_before_gap_filling_loads_without_it(saved: Path, tmp_path: Path) -> None:
+    model = _copy_model(saved, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    del config["closing"]
+    (model / "config.json").write_text(json.dumps(config))
+    assert Detector.load(model).closing == 1
+
+
+def test_a_closing_narrower_than_one_patch_is_refused() -> None:
+    with pytest.raises(ValueError, match="closing must be at least 1"):
+        Detector(closing=0)
+
+
 def test_saved_model_is_config_json_and_safetensors_only(saved: Path) -> None:
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "method.safetensors"]
     config = json.loads((saved / "config.json").read_text())
@@ -541,6 +578,15 @@ def test_zero_shot_ranks_defects_first_without_references(data: dict[str, list[P
     scores = _scores(results)
     assert scores[12:].min() > scores[:12].max()
     assert all(r.is_anomalous is None and r.anomaly_map.shape == (HEIGHT, WIDTH) for r in results)
+
+
+def test_zero_shot_maps_are_gap_filled_and_its_scores_are_not(
+    data: dict[str, list[Path]],
+) -> None:
+    batch = data["train"][:8] + data["bad"][:2]
+    filled = Detector(method="mutual", **OPTIONS).zero_shot(batch)
+    plain = Detector(method="mutual", closing=1, **OPTIONS).zero_shot(batch)
+    _assert_filled_maps_only(filled, plain)  # type: ignore[arg-type]
 
 
 def test_zero_shot_reports_unreadable_files_in_place_and_uses_a_given_threshold(

@@ -9,6 +9,7 @@ from normalcy.postprocess import (
     SIGMA_AT_256,
     TOP_FRACTION,
     anomaly_map,
+    fill_gaps,
     image_score,
     threshold_at_fpr,
 )
@@ -53,6 +54,40 @@ def test_a_dense_grid_puts_each_patch_centre_at_its_place_in_the_image() -> None
 def test_a_dense_grid_keeps_a_constant_map_constant_up_to_the_edges() -> None:
     full = anomaly_map(np.full((7, 11), 1.5), (40, 60), sigma=SIGMA_AT_256, dense=True)
     np.testing.assert_allclose(full, 1.5, rtol=1e-6)
+
+
+# --- fill_gaps -----------------------------------------------------------------------------------
+
+
+def test_filling_lifts_the_inside_of_an_outline_to_the_outline() -> None:
+    patches = np.zeros((7, 7))
+    patches[2:5, 2:5] = 1.0
+    patches[3, 3] = 0.2  # a patch inside the defect that looks normal
+    filled = fill_gaps(patches, 3)
+    assert filled[3, 3] == 1.0
+    np.testing.assert_array_equal(filled[patches != 0.2], patches[patches != 0.2])
+
+
+def test_filling_closes_gaps_narrower_than_the_window_only() -> None:
+    narrow = fill_gaps(np.array([[1.0, 0.0, 0.0, 1.0]]), 3)
+    wide = fill_gaps(np.array([[1.0, 0.0, 0.0, 0.0, 1.0]]), 3)
+    np.testing.assert_array_equal(narrow, [[1.0, 1.0, 1.0, 1.0]])
+    np.testing.assert_array_equal(wide, [[1.0, 0.0, 0.0, 0.0, 1.0]])
+
+
+def test_filling_keeps_an_isolated_peak_and_never_lowers_a_score() -> None:
+    spike = np.zeros((9, 9))
+    spike[4, 4] = 3.0
+    np.testing.assert_array_equal(fill_gaps(spike, 3), spike)
+    noise = np.random.default_rng(2).random((12, 15))
+    assert (fill_gaps(noise, 5) >= noise).all()
+
+
+def test_filling_one_patch_wide_changes_nothing_and_zero_is_refused() -> None:
+    patches = np.random.default_rng(3).random((4, 5))
+    assert fill_gaps(patches, 1) is patches
+    with pytest.raises(ValueError, match="at least 1 patch"):
+        fill_gaps(patches, 0)
 
 
 def test_smoothing_roughly_preserves_the_mean() -> None:
