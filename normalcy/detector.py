@@ -327,7 +327,10 @@ class Detector:
         if hasattr(method, "parts"):
             return self._score_parts(method, method.parts(grid), size)
         scores = method.score(grid)
-        return self._rank(self._plain(scores), size), self._map(scores, size)
+        full = self._map(scores, size)
+        if self.closing == 1 and not self.dense_map:  # the map is the one images rank by
+            return image_score(full), full
+        return self._rank(self._plain(scores), size), full
 
     def _score_parts(
         self, method, parts: np.ndarray, size: tuple[int, int]

@@ -35,8 +35,8 @@ def fill_gaps(patch_scores: np.ndarray, width: int) -> np.ndarray:
     """Grey-level closing over `width` x `width` patches (1: unchanged).
 
     A patch scored lower than patches on both sides of it within the window rises toward
-    their level, so a broad defect whose inside looks normal patch by patch keeps its area instead
-    of its outline alone; a peak keeps its height and extent, and no score falls.
+    their level, so a broad defect whose inside looks normal patch by patch keeps its area
+    instead of its outline alone; a peak keeps its height and extent, and no score falls.
     """
     if width < 1:
         raise ValueError(f"gap-filling width must be at least 1 patch, got {width}")
