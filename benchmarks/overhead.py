@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from normalcy import Detector
+from normalcy.backbones import PRECISIONS
 from normalcy.data import LoadedImage, find_categories, load_image
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "magnetic_tile"
@@ -25,13 +26,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="one MVTec category")
     parser.add_argument("--backbone", default="dinov2_vits14")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--train", type=int, default=100, help="normal images to fit on")
     parser.add_argument("--test", type=int, default=20, help="images to time")
     args = parser.parse_args()
     category = find_categories(args.data)[0]
     step = max(1, len(category.train) // args.train)
-    detector = Detector(backbone=args.backbone, image_size=args.image_size)
+    detector = Detector(
+        backbone=args.backbone, image_size=args.image_size, precision=args.precision
+    )
     start = time.perf_counter()
     detector.fit(category.train[::step][: args.train])
     fit_seconds = time.perf_counter() - start
@@ -52,11 +56,14 @@ def main() -> int:
         predict_ms.append(1000 * (time.perf_counter() - start))
     total, alone = sum(predict_ms), sum(backbone_ms)
     print(f"fit on {args.train} images: {fit_seconds:.1f} s, bank {bank[0]} x {bank[1]}")
-    print("| backbone | image size | backbone ms/img | predict ms/img | overhead share |")
-    print("|---|---|---|---|---|")
     print(
-        f"| {args.backbone} | {args.image_size} | {statistics.mean(backbone_ms):.0f} | "
-        f"{statistics.mean(predict_ms):.0f} | {100 * (total - alone) / total:.1f}% |"
+        "| backbone | precision | image size | backbone ms/img | predict ms/img | "
+        "overhead share |\n|---|---|---|---|---|---|"
+    )
+    print(
+        f"| {args.backbone} | {backbone.precision} | {args.image_size} | "
+        f"{statistics.mean(backbone_ms):.0f} | {statistics.mean(predict_ms):.0f} | "
+        f"{100 * (total - alone) / total:.1f}% |"
     )
     return 0
 

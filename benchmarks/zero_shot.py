@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from normalcy import Detector
-from normalcy.backbones import create_backbone
+from normalcy.backbones import PRECISIONS, create_backbone
 from normalcy.data import find_categories, load_image
 from normalcy.evaluate import peak_rss_mb
 
@@ -28,14 +28,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="one MVTec category")
     parser.add_argument("--backbone", default="dinov2_vits14")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--images", type=int, default=200, help="batch size to score")
     args = parser.parse_args()
     tests = find_categories(args.data)[0].test
     picks = np.linspace(0, len(tests) - 1, min(args.images, len(tests))).round().astype(int)
     images = [load_image(tests[i].path) for i in picks]
-    detector = Detector(backbone=args.backbone, method="mutual", image_size=args.image_size)
-    backbone = create_backbone(args.backbone, args.image_size)
+    detector = Detector(
+        backbone=args.backbone,
+        method="mutual",
+        image_size=args.image_size,
+        precision=args.precision,
+    )
+    backbone = create_backbone(args.backbone, args.image_size, precision=args.precision)
     start = time.perf_counter()
     for image in images:
         backbone.features([image])
@@ -47,11 +53,11 @@ def main() -> int:
         np.prod(backbone.input_size(*image.shape[:2])) // backbone.stride**2 for image in images
     )
     print(
-        "| images | image size | patches | features ms/img | beyond features ms/img | "
-        "peak RSS MB |\n|---|---|---|---|---|---|"
+        "| images | precision | image size | patches | features ms/img | beyond features ms/img | "
+        "peak RSS MB |\n|---|---|---|---|---|---|---|"
     )
     print(
-        f"| {len(images)} | {args.image_size} | {patches} | "
+        f"| {len(images)} | {backbone.precision} | {args.image_size} | {patches} | "
         f"{1000 * feature_seconds / len(images):.0f} | "
         f"{1000 * (total_seconds - feature_seconds) / len(images):.0f} | {peak_rss_mb():.0f} |"
     )

@@ -18,6 +18,8 @@ from normalcy.backbones import (
     default_layers,
     half_stride_views,
     interleave,
+    native_bfloat16,
+    resolve_precision,
 )
 
 
@@ -158,6 +160,33 @@ def test_features_of_different_images_differ(lite0: Backbone) -> None:
 def test_every_feature_vector_has_norm_sqrt_of_the_layer_count(lite0: Backbone) -> None:
     (grid,) = lite0.features([_image(80, 96)])
     np.testing.assert_allclose(np.linalg.norm(grid, axis=-1), np.sqrt(2), rtol=1e-5)
+
+
+def test_bfloat16_features_are_float32_and_close_to_the_float32_ones() -> None:
+    images = [_image(64, 80, seed) for seed in range(2)]
+    exact = create_backbone("efficientnet_lite0", 64).features(images)
+    fast = create_backbone("efficientnet_lite0", 64, precision="bfloat16").features(images)
+    for a, b in zip(exact, fast, strict=True):
+        assert b.dtype == np.float32 and b.shape == a.shape
+        cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cosine.min() > 0.99
+        assert not np.array_equal(a, b)  # the lower precision was really used
+
+
+def test_auto_precision_is_bfloat16_exactly_where_the_cpu_has_it() -> None:
+    expected = "bfloat16" if native_bfloat16() else "float32"
+    assert resolve_precision("auto") == expected
+    assert create_backbone("efficientnet_lite0", 64, precision="auto").precision == expected
+    assert resolve_precision("float32") == "float32"
+
+
+def test_an_unknown_precision_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="auto.*float32.*bfloat16"):
+        resolve_precision("float16")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        Backbone(
+            "fake", _Pyramid(), stride=16, image_size=64, pool=1, layers=(0,), precision="auto"
+        )
 
 
 def test_custom_layers_and_pooling() -> None:

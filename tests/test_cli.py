@@ -75,6 +75,7 @@ def test_fit_reports_where_it_saved(
         (["--context", "0.5"], ["backbone", "context"], 0.5),
         (["--dense-map"], ["dense_map"], True),
         (["--closing", "5"], ["closing"], 5),
+        (["--precision", "float32"], ["backbone", "precision"], "float32"),
     ],
 )
 def test_fit_map_and_feature_options_reach_the_saved_model(

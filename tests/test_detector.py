@@ -411,6 +411,23 @@ def test_a_model_saved_before_gap_filling_loads_without_it(saved: Path, tmp_path
     assert Detector.load(model).closing == 1
 
 
+def test_a_model_saved_before_the_precision_option_loads_in_float32(
+    saved: Path, tmp_path: Path
+) -> None:
+    model = _copy_model(saved, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    assert config["backbone"]["precision"] == "auto"  # the default, decided per machine
+    del config["backbone"]["precision"]
+    (model / "config.json").write_text(json.dumps(config))
+    loaded = Detector.load(model)
+    assert loaded.precision == "float32" and loaded.backbone_.precision == "float32"
+
+
+def test_an_unknown_precision_is_refused_before_fitting() -> None:
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Detector(precision="half")
+
+
 def test_a_closing_narrower_than_one_patch_is_refused() -> None:
     with pytest.raises(ValueError, match="closing must be at least 1"):
         Detector(closing=0)
