@@ -49,7 +49,7 @@ def main() -> int:
     backbone_ms, predict_ms = [], []
     for item in images:
         start = time.perf_counter()
-        backbone.features([item.image])
+        backbone.features([item.image], dense=detector.dense_map)
         backbone_ms.append(1000 * (time.perf_counter() - start))
         start = time.perf_counter()
         next(detector.predict_images([item]))

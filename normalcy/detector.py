@@ -116,8 +116,9 @@ class Detector:
     closing: width in patches of the grey-level closing applied to patch scores before they
         become a map (1 = off): fills the inside of broad defects that light up only at their
         outline. Maps and masks only; image scores come from the unfilled map.
-    precision: the backbone's arithmetic, "float32", "bfloat16", or "auto" (bfloat16 on CPUs
-        with bfloat16 instructions, where it is faster; float32 elsewhere).
+    precision: the arithmetic of the backbone and the nearest-neighbour search: "float32",
+        "bfloat16", or "auto" (bfloat16 on CPUs with bfloat16 instructions, where it is
+        faster; float32 elsewhere). The search re-measures its candidates in float32.
     """
 
     def __init__(
@@ -227,6 +228,7 @@ class Detector:
             coreset_ratio=ratio,
             max_bank_size=self.max_bank_size,
             seed=self.seed,
+            precision=self.precision,
             **extra,
         )
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from normalcy.methods import METHODS, create_method, method_from_state
-from normalcy.methods.patchknn import PatchKNN
+from normalcy.methods.patchknn import PatchKNN, _nearest_bfloat16
 
 DIM = 24
 
@@ -44,20 +44,37 @@ def test_planted_anomalous_patches_score_above_every_normal_patch() -> None:
     assert scores[~normal].min() > 5 * scores[normal].max()
 
 
-def test_nearest_distances_match_brute_force() -> None:
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_nearest_distances_match_brute_force(precision: str) -> None:
     rng = np.random.default_rng(1)
     grids = [rng.standard_normal((5, 7, DIM)).astype(np.float32) for _ in range(4)]
-    method = PatchKNN(coreset_ratio=1.0).fit(grids)
+    method = PatchKNN(coreset_ratio=1.0, precision=precision).fit(grids)
     assert method.memory_bank_.shape == (4 * 35, DIM)  # ratio 1 keeps every patch
     query = rng.standard_normal((9, 11, DIM)).astype(np.float32)
     expected = _brute_force(method.memory_bank_, query.reshape(-1, DIM)).reshape(9, 11)
     np.testing.assert_allclose(method.score(query), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_scoring_in_small_batches_gives_the_same_result() -> None:
-    method = PatchKNN(coreset_ratio=0.5).fit(_normal_grids(4))
+def test_bfloat16_search_in_small_chunks_gives_the_float32_distances() -> None:
+    exact = PatchKNN(coreset_ratio=0.5).fit(_normal_grids(4))
+    fast = PatchKNN.from_state({**exact.get_params(), "precision": "bfloat16"}, exact.arrays())
     query = np.random.default_rng(2).standard_normal((10, 10, DIM)).astype(np.float32)
-    np.testing.assert_allclose(method.score(query, batch_size=7), method.score(query), rtol=1e-6)
+    bank, ranking = fast._search_index()
+    chunked = _nearest_bfloat16(query.reshape(-1, DIM), bank, ranking, chunk=7)
+    np.testing.assert_allclose(np.sqrt(chunked).reshape(10, 10), exact.score(query), rtol=1e-5)
+
+
+def test_bfloat16_search_remeasures_neighbours_too_close_for_bfloat16_to_tell_apart() -> None:
+    base = np.random.default_rng(3).standard_normal(DIM).astype(np.float32)
+    twins = np.stack([base + 1e-4 * k for k in range(6)])  # one bfloat16 value apart at most
+    method = PatchKNN(coreset_ratio=1.0, precision="bfloat16").fit([twins])
+    scores = method.score(twins[None])
+    np.testing.assert_allclose(scores, 0.0, atol=1e-6)  # each finds itself, not a twin
+
+
+def test_an_unknown_search_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision must be one of"):
+        PatchKNN(precision="int8")
 
 
 def test_patches_of_the_bank_score_zero() -> None:
@@ -85,6 +102,7 @@ def test_state_round_trips_through_arrays_and_from_state() -> None:
         "max_bank_size": 50,
         "projection_dim": 16,
         "seed": 4,
+        "precision": "float32",
     }
     np.testing.assert_array_equal(restored.memory_bank_, method.memory_bank_)
     np.testing.assert_array_equal(restored.score(query), method.score(query))
