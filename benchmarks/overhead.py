@@ -27,6 +27,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="one MVTec category")
     parser.add_argument("--backbone", default="dinov2_vits14")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--dense-map", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--train", type=int, default=100, help="normal images to fit on")
     parser.add_argument("--test", type=int, default=20, help="images to time")
@@ -34,7 +35,10 @@ def main() -> int:
     category = find_categories(args.data)[0]
     step = max(1, len(category.train) // args.train)
     detector = Detector(
-        backbone=args.backbone, image_size=args.image_size, precision=args.precision
+        backbone=args.backbone,
+        image_size=args.image_size,
+        precision=args.precision,
+        dense_map=args.dense_map,
     )
     start = time.perf_counter()
     detector.fit(category.train[::step][: args.train])
@@ -57,11 +61,12 @@ def main() -> int:
     total, alone = sum(predict_ms), sum(backbone_ms)
     print(f"fit on {args.train} images: {fit_seconds:.1f} s, bank {bank[0]} x {bank[1]}")
     print(
-        "| backbone | precision | image size | backbone ms/img | predict ms/img | "
-        "overhead share |\n|---|---|---|---|---|---|"
+        "| backbone | precision | map | image size | backbone ms/img | predict ms/img | "
+        "overhead share |\n|---|---|---|---|---|---|---|"
     )
     print(
-        f"| {args.backbone} | {backbone.precision} | {args.image_size} | "
+        f"| {args.backbone} | {backbone.precision} | {'dense' if args.dense_map else 'plain'} | "
+        f"{args.image_size} | "
         f"{statistics.mean(backbone_ms):.0f} | {statistics.mean(predict_ms):.0f} | "
         f"{100 * (total - alone) / total:.1f}% |"
     )

@@ -35,6 +35,10 @@ def _rows() -> dict[str, list[str]]:
     for size in ("224", "448"):
         base = ["--backbone", "dinov2_vits14", "--image-size", size]
         rows[f"dinov2-{size}-full"] = base
+        # Maps at the backbone stride: the faster setting (the default before the dense map).
+        rows[f"dinov2-{size}-full-plain"] = [*base, "--no-dense-map"]
+        # float32 arithmetic throughout (what CPUs without bfloat16 instructions run).
+        rows[f"dinov2-{size}-full-float32"] = [*base, "--precision", "float32"]
         # Without the image-context half of the descriptor (the default before it existed).
         rows[f"dinov2-{size}-full-nocontext"] = [*base, "--context", "0"]
         # Maps without gap filling (the default before it existed).
@@ -43,8 +47,6 @@ def _rows() -> dict[str, list[str]]:
             rows[f"dinov2-{size}-{shots}shot"] = [*base, "--shots", str(shots), *DRAWS]
         rows[f"dinov2-{size}-gaussian"] = [*base, "--method", "gaussian"]
         rows[f"dinov2-{size}-fused"] = [*base, "--method", "patchknn+gaussian"]
-        rows[f"dinov2-{size}-full-dense"] = [*base, "--dense-map"]
-        rows[f"dinov2-{size}-fused-dense"] = [*base, "--method", "patchknn+gaussian", "--dense-map"]
         rows[f"dinov2-{size}-mutual"] = [*base, "--method", "mutual"]
         # Zero-shot with fine detail only and no re-scoring (for defect-heavy batches).
         rows[f"dinov2-{size}-mutual-fine"] = [

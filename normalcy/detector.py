@@ -112,7 +112,8 @@ class Detector:
         its features (0 = off; None: 1 for the patch-kNN methods, 0 for the others).
     dense_map: score images at half the backbone stride (three more shifted backbone passes
         and four times the patches searched) for a finer map; image scores and decisions
-        stay those of the plain grid. Used when predicting, not for the bank.
+        stay those of the plain grid. Used when predicting, not for the bank. False makes
+        predicting about three times faster, with coarser outlines.
     closing: width in patches of the grey-level closing applied to patch scores before they
         become a map (1 = off): fills the inside of broad defects that light up only at their
         outline. Maps and masks only; image scores come from the unfilled map.
@@ -140,7 +141,7 @@ class Detector:
         seed: int = 0,
         scorer: MutualScorer | None = None,
         context: float | None = None,
-        dense_map: bool = False,
+        dense_map: bool = True,
         closing: int = 3,
         precision: str = "auto",
     ) -> None:

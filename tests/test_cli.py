@@ -55,7 +55,7 @@ def test_fit_writes_a_model_directory(model: Path) -> None:
     assert config["backbone"]["image_size"] == 64
     assert config["n_train"] == 12 and config["threshold"] is not None
     assert config["backbone"]["context"] == 1.0  # the patch kNN default
-    assert config["dense_map"] is False
+    assert config["dense_map"] is True  # the default
 
 
 def test_fit_reports_where_it_saved(
@@ -73,7 +73,7 @@ def test_fit_reports_where_it_saved(
     ("option", "keys", "expected"),
     [
         (["--context", "0.5"], ["backbone", "context"], 0.5),
-        (["--dense-map"], ["dense_map"], True),
+        (["--no-dense-map"], ["dense_map"], False),
         (["--closing", "5"], ["closing"], 5),
         (["--precision", "float32"], ["backbone", "precision"], "float32"),
     ],

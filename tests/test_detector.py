@@ -337,24 +337,27 @@ def test_a_model_saved_before_the_context_option_loads_without_it(
     )
 
 
-def test_a_dense_map_keeps_scores_and_thresholds_and_still_finds_the_defect(
+def test_the_default_dense_map_keeps_the_plain_scores_and_thresholds_and_finds_the_defect(
     fitted: Detector, data: dict[str, list[Path]], tmp_path: Path
 ) -> None:
-    detector = Detector(**OPTIONS, dense_map=True).fit(data["train"])
+    assert fitted.dense_map  # the default
+    plain = Detector(**OPTIONS, dense_map=False).fit(data["train"])
     inputs = data["good"] + data["bad"]
     np.testing.assert_allclose(
-        _scores(detector.predict(inputs)), _scores(fitted.predict(inputs)), rtol=1e-5
+        _scores(fitted.predict(inputs)), _scores(plain.predict(inputs)), rtol=1e-5
     )
-    assert detector.threshold_ == pytest.approx(fitted.threshold_, rel=1e-5)
+    assert fitted.threshold_ == pytest.approx(plain.threshold_, rel=1e-5)
     image, (top, left) = anomalous_image(0)
-    prediction = detector.predict(image)
+    prediction = fitted.predict(image)
     assert prediction.anomaly_map.shape == (HEIGHT, WIDTH)
     row, col = np.unravel_index(np.argmax(prediction.anomaly_map), (HEIGHT, WIDTH))
     assert top - 12 <= row < top + SQUARE + 12 and left - 12 <= col < left + SQUARE + 12
-    assert not np.allclose(prediction.anomaly_map, fitted.predict(image).anomaly_map)
-    loaded = Detector.load(detector.save(tmp_path / "dense-model"))
-    assert loaded.dense_map
-    np.testing.assert_array_equal(loaded.predict(image).anomaly_map, prediction.anomaly_map)
+    assert not np.allclose(prediction.anomaly_map, plain.predict(image).anomaly_map)
+    loaded = Detector.load(plain.save(tmp_path / "plain-model"))
+    assert not loaded.dense_map
+    np.testing.assert_array_equal(
+        loaded.predict(image).anomaly_map, plain.predict(image).anomaly_map
+    )
 
 
 def test_a_dense_map_works_for_every_fitted_method_and_few_shot(
@@ -362,8 +365,8 @@ def test_a_dense_map_works_for_every_fitted_method_and_few_shot(
 ) -> None:
     image, _ = anomalous_image(1)
     for options in ({"method": "gaussian"}, {"method": "patchknn+gaussian"}, {"shots": 2}):
-        detector = Detector(**OPTIONS, **options, dense_map=True).fit(data["train"])
-        plain = Detector(**OPTIONS, **options).fit(data["train"])
+        detector = Detector(**OPTIONS, **options).fit(data["train"])
+        plain = Detector(**OPTIONS, **options, dense_map=False).fit(data["train"])
         assert detector.predict(image).score == pytest.approx(plain.predict(image).score)
         assert detector.predict(image).anomaly_map.shape == (HEIGHT, WIDTH)
         assert detector.pixel_threshold_ is not None

@@ -19,7 +19,7 @@ from normalcy.methods.coreset import StreamingCoreset
 
 # bfloat16 search: each patch's nearest bank patches by bfloat16 products, re-measured in
 # float32. On Magnetic Tile features the true nearest was among the first 4 for every one of
-# about 40,000 patches (224 and 448 px); 8 leaves a margin.
+# about 60,000 patches (224 and 448 px); 8 leaves a margin.
 CANDIDATES = 8
 
 
