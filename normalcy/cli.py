@@ -53,8 +53,8 @@ def _backbone_options(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="backbone arithmetic; auto: bfloat16 where the CPU has bfloat16 instructions "
-        "(faster there), float32 elsewhere",
+        help="arithmetic of the backbone and the nearest-neighbour search; auto: bfloat16 where "
+        "the CPU has bfloat16 instructions (faster there), float32 elsewhere",
     )
 
 

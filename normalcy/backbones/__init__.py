@@ -50,7 +50,8 @@ def native_bfloat16() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """ "float32" or "bfloat16" for a requested precision, "auto" decided for this CPU."""
+    """The arithmetic to run, "float32" or "bfloat16", for a requested precision; "auto"
+    is decided for this CPU."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":

@@ -21,10 +21,12 @@ from normalcy.methods.coreset import StreamingCoreset
 # float32. On Magnetic Tile features the true nearest was among the first 4 for every one of
 # about 60,000 patches (224 and 448 px); 8 leaves a margin.
 CANDIDATES = 8
+FAISS_BATCH = 4096  # queries per faiss search call
 
 
 class PatchKNN:
-    """Memory bank + exact nearest-neighbour search (faiss, CPU).
+    """Memory bank + exact nearest-neighbour search (CPU: faiss in float32, or bfloat16
+    candidates re-measured in float32).
 
     coreset_ratio: fraction of each image's patches kept on arrival (1.0 keeps all).
     max_bank_size: the bank is reduced to at most this many patches by a final greedy pass;
@@ -100,9 +102,9 @@ class PatchKNN:
             distances = _nearest_bfloat16(queries, *index)
         else:
             distances = np.empty(len(queries), dtype=np.float32)
-            for start in range(0, len(queries), 4096):
-                found, _ = index.search(queries[start : start + 4096], 1)
-                distances[start : start + 4096] = found[:, 0]
+            for start in range(0, len(queries), FAISS_BATCH):
+                found, _ = index.search(queries[start : start + FAISS_BATCH], 1)
+                distances[start : start + FAISS_BATCH] = found[:, 0]
         return np.sqrt(np.maximum(distances, 0)).reshape(grid.shape[:-1])
 
     def arrays(self) -> dict[str, np.ndarray]:
