@@ -335,11 +335,18 @@ class Detector:
             return method.image_score(self._plain(grid)), self._map(method.score(grid), size)
         if hasattr(method, "parts"):
             return self._score_parts(method, method.parts(grid), size)
-        scores = method.score(grid)
-        full = self._map(scores, size)
-        if self.closing == 1 and not self.dense_map:  # the map is the one images rank by
+        return self._score_and_map(method.score(grid), size)
+
+    def _score_and_map(
+        self, scores: np.ndarray, size: tuple[int, int], dense: bool | None = None
+    ) -> tuple[float, np.ndarray]:
+        """Image score (`_rank` of the plain-stride scores) and map (`_map`) of patch scores;
+        without gap filling on a plain grid the two maps are one, so it is made once."""
+        dense = self.dense_map if dense is None else dense
+        full = self._map(scores, size, dense)
+        if self.closing == 1 and not dense:
             return image_score(full), full
-        return self._rank(self._plain(scores), size), full
+        return self._rank(scores[::2, ::2] if dense else scores, size), full
 
     def _score_parts(
         self, method, parts: np.ndarray, size: tuple[int, int]
@@ -434,13 +441,12 @@ class Detector:
         )
         patch_scores = scorer.score_batch(grids, on_block=bar.update)
         bar.close()
-        shapes = [shape for _, _, shape in readable]
-        maps = [
-            self._map(scores, shape, dense=False)
-            for scores, shape in zip(patch_scores, shapes, strict=True)
+        scored = [
+            self._score_and_map(scores, shape, dense=False)
+            for scores, (_, _, shape) in zip(patch_scores, readable, strict=True)
         ]
-        ranked = [self._rank(s, shape) for s, shape in zip(patch_scores, shapes, strict=True)]
-        image_scores = scorer.rescore(np.array(ranked), grids)
+        image_scores = scorer.rescore(np.array([score for score, _ in scored]), grids)
+        maps = [full for _, full in scored]
         self.threshold_ = self.threshold
         for (position, name, _), score, full in zip(readable, image_scores, maps, strict=True):
             results[position] = _prediction(name, float(score), full, self.threshold, None)
