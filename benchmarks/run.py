@@ -48,10 +48,10 @@ def _rows() -> dict[str, list[str]]:
         rows[f"dinov2-{size}-gaussian"] = [*base, "--method", "gaussian"]
         rows[f"dinov2-{size}-fused"] = [*base, "--method", "patchknn+gaussian"]
         rows[f"dinov2-{size}-mutual"] = [*base, "--method", "mutual"]
-        # Zero-shot with fine detail only and no re-scoring (for defect-heavy batches).
-        rows[f"dinov2-{size}-mutual-fine"] = [
+        # Zero-shot with MuSc's neighbourhood sizes and image re-scoring (the default before).
+        rows[f"dinov2-{size}-mutual-musc"] = [
             *base,
-            *("--method", "mutual", "--mutual-sizes", "1", "--mutual-rescore", "0"),
+            *("--method", "mutual", "--mutual-sizes", "1", "3", "5", "--mutual-rescore", "8"),
         ]
     lite = ["--backbone", "efficientnet_lite0", "--image-size", "224"]
     rows["lite0-224-full"] = lite

@@ -107,7 +107,7 @@ class Detector:
     augment: in few-shot mode, add rotated and mirrored views of the references.
     fpr: target false-positive rate on held-out normal images for the decision threshold.
     threshold: a fixed image-score threshold instead (overrides fpr).
-    scorer: the zero-shot scorer for method "mutual" (default `MutualScorer()`).
+    scorer: the zero-shot scorer for method "mutual" (default: `MutualScorer` in `precision`).
     context: weight of each patch's difference from its image's median patch, appended to
         its features (0 = off; None: 1 for the patch-kNN methods, 0 for the others).
     dense_map: score images at half the backbone stride (three more shifted backbone passes
@@ -435,7 +435,7 @@ class Detector:
             results.append(None)
             grids.extend(self._backbone().features([item.image]))
         bar.close()
-        scorer = self.scorer or MutualScorer()
+        scorer = self.scorer or MutualScorer(precision=self.precision)
         bar = tqdm(
             total=scorer.n_blocks(grids), desc="mutual", unit="block", disable=not self.progress
         )

@@ -263,12 +263,12 @@ def test_predict_zero_shot_needs_no_model(
 
 def test_zero_shot_options_reach_the_scorer(dataset: Path, tmp_path: Path) -> None:
     inputs = sorted((dataset / "test").rglob("*.png"))
-    options = ["--mutual-sizes", "1", "--mutual-rescore", "0"]
+    options = ["--mutual-sizes", "1", "3", "--mutual-rescore", "2"]
     out = tmp_path / "zs"
     code = main(["predict", "--zero-shot", *map(str, inputs), *FAST, *options, "-o", str(out)])
     assert code == 0
     scores = [r["score"] for r in json.loads((out / "results.json").read_text())["results"]]
-    scorer = MutualScorer(neighbourhoods=(1,), rescore_neighbours=0)
+    scorer = MutualScorer(neighbourhoods=(1, 3), rescore_neighbours=2)
     expected = Detector(
         method="mutual", backbone="efficientnet_lite0", image_size=64, scorer=scorer
     ).zero_shot(inputs)
@@ -353,9 +353,11 @@ def test_installed_entry_point_prints_the_version() -> None:
 def test_eval_passes_zero_shot_options_to_its_detectors() -> None:
     args = build_parser().parse_args(
         ["eval", "data", "--method", "mutual", "--mutual-sizes", "1", "3", "--mutual-rescore", "2"]
+        + ["--precision", "bfloat16"]
     )
     scorer = _make_detector(args).scorer
     assert scorer.neighbourhoods == (1, 3) and scorer.rescore_neighbours == 2
+    assert scorer.precision == "bfloat16"
 
 
 def test_eval_of_all_methods_with_shots_leaves_out_the_full_shot_fusion(

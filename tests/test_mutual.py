@@ -12,19 +12,20 @@ from normalcy.methods.mutual import (
     nearest_distances,
     neighbourhood_features,
     rescore,
+    sub_batches,
 )
 
 DIM = 16
 
 
-def _batch(n: int, planted: set[int], seed: int = 0) -> list[np.ndarray]:
+def _batch(n: int, planted: set[int], seed: int = 0, noise: float = 0.05) -> list[np.ndarray]:
     """Grids of mixed sizes built from shared prototypes; `planted` images get a 2x2 defect."""
     rng = np.random.default_rng(seed)
     prototypes = np.random.default_rng(99).standard_normal((4, DIM))
     grids = []
     for i in range(n):
         size = (8, 10) if i % 2 else (9, 7)
-        grid = prototypes[rng.integers(0, 4, size)] + 0.05 * rng.standard_normal((*size, DIM))
+        grid = prototypes[rng.integers(0, 4, size)] + noise * rng.standard_normal((*size, DIM))
         if i in planted:
             grid[2:4, 3:5] = 2 * rng.standard_normal((2, 2, DIM))
         grids.append(grid.astype(np.float32))
@@ -45,11 +46,46 @@ def test_planted_defects_score_above_normal_patches() -> None:
 
 def test_scores_do_not_depend_on_image_order_or_block_size() -> None:
     grids = _batch(9, {3})
-    maps = MutualScorer(block_patches=150).score_batch(grids)
+    musc = {"neighbourhoods": (1, 3, 5), "rescore_neighbours": 8, "precision": "float32"}
+    maps = MutualScorer(block_patches=150, **musc).score_batch(grids)
     order = np.random.default_rng(4).permutation(9)
-    shuffled = MutualScorer(block_patches=100_000).score_batch([grids[i] for i in order])
+    shuffled = MutualScorer(block_patches=100_000, **musc).score_batch([grids[i] for i in order])
     for position, original in enumerate(order):
         np.testing.assert_allclose(shuffled[position], maps[original], rtol=1e-5, atol=1e-6)
+
+
+def test_a_large_batch_is_split_into_spread_sub_batches_whatever_its_order() -> None:
+    grids = _batch(12, {0, 7})
+    groups = sub_batches(grids, 5)
+    assert [len(g) for g in groups] == [4, 4, 4]
+    assert sorted(i for g in groups for i in g) == list(range(12))
+    assert sub_batches(grids, 12) == [list(range(12))]
+    order = np.random.default_rng(1).permutation(12)
+    regrouped = sub_batches([grids[i] for i in order], 5)
+    assert sorted(sorted(order[i] for i in g) for g in regrouped) == sorted(groups)
+
+    scorer = MutualScorer(max_peers=5, precision="float32")
+    maps = scorer.score_batch(grids)
+    shuffled = scorer.score_batch([grids[i] for i in order])
+    for position, original in enumerate(order):
+        np.testing.assert_allclose(shuffled[position], maps[original], rtol=1e-5, atol=1e-6)
+    # each image is scored by its own sub-batch alone
+    group = groups[0]
+    alone = MutualScorer(precision="float32").score_batch([grids[i] for i in group])
+    for i, own in zip(group, alone, strict=True):
+        np.testing.assert_allclose(maps[i], own, rtol=1e-5, atol=1e-6)
+    assert scorer.n_blocks(grids) == 3
+
+
+def test_bfloat16_products_give_nearly_the_float32_scores() -> None:
+    # nearest patches about 0.3 apart, as real images' are (bfloat16 blurs near-twins only)
+    grids = _batch(10, {2}, noise=0.3)
+    exact = MutualScorer(precision="float32").score_batch(grids)
+    fast = MutualScorer(precision="bfloat16").score_batch(grids)
+    assert 0.2 < np.median(np.concatenate([e.ravel() for e in exact])) < 0.5
+    for a, b in zip(exact, fast, strict=True):
+        np.testing.assert_allclose(b, a, rtol=0.03, atol=0.01)
+    assert np.argmax(fast[2]) == np.argmax(exact[2])
 
 
 def test_nearest_distances_match_brute_force() -> None:
@@ -117,6 +153,10 @@ def test_too_small_a_batch_is_refused_with_a_reason() -> None:
         MutualScorer(neighbourhoods=(2,))
     with pytest.raises(ValueError, match="rescore_neighbours"):
         MutualScorer(rescore_neighbours=-1)
+    with pytest.raises(ValueError, match="max_peers"):
+        MutualScorer(max_peers=2)
+    with pytest.raises(ValueError, match="precision"):
+        MutualScorer(precision="half")
 
 
 def test_a_small_batch_is_scored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -3,12 +3,14 @@
 Defects are rare and differ from image to image, while normal texture recurs in almost every
 image. So a patch is scored by its distances to the nearest patches of each other image, and
 only the smallest share of those distances counts: a defect that a few other images share
-cannot vouch for itself. Scores are averaged over several neighbourhood sizes, so both small
-and large defects show; image scores are then smoothed over each image's most similar images.
+cannot vouch for itself. Optionally (MuSc), scores are averaged over several neighbourhood
+sizes, for large defects as well as small ones, and image scores are smoothed over each
+image's most similar images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -18,12 +20,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from normalcy.backbones import resolve_precision
+
 # Fewer images than this make "what most images look like" meaningless...
 MIN_BATCH = 3
 # ...and below this many, a few unusual normal images already look like defects.
 RELIABLE_BATCH = 20
 # Size of one block of the pairwise patch-distance computation (patches per side).
 BLOCK_PATCHES = 8192
+# A larger batch is split into sub-batches of at most this many images: the distance tables
+# grow with the square of the batch, and 200 peers are ample for the smallest 30% to vouch.
+MAX_PEERS = 200
 
 log = logging.getLogger("normalcy")
 
@@ -55,19 +62,23 @@ def nearest_distances(
     patches: Sequence[torch.Tensor],
     block_patches: int = BLOCK_PATCHES,
     on_block: Callable[[], None] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
     """For every image i, an (n_i, N) table: distance of each of its unit-length patches to
     the nearest patch of image j (infinite for j = i).
 
     For unit vectors the squared distance is 2 - 2 x cosine similarity, so each block is one
     matrix product and nearest means most similar. Blocks run over pairs of image groups, each
-    block once: its row maxima and column maxima serve both sides.
+    block once: its row maxima and column maxima serve both sides. `dtype` is the arithmetic
+    of the products: bfloat16 halves their time where the CPU has bfloat16 instructions, and
+    its rounding (about 0.01 in distance) matters only for near-twin patches, far closer than
+    real images' nearest patches (measured: the same image AUROC on Magnetic Tile).
     """
     count = len(patches)
     lengths = [len(p) for p in patches]
     tables = [torch.full((n, count), -math.inf) for n in lengths]  # best similarity so far
     groups = _blocks(lengths, block_patches)
-    stacked = [torch.cat([patches[i] for i in g]) for g in groups]
+    stacked = [torch.cat([patches[i] for i in g]).to(dtype) for g in groups]
     offsets = [np.cumsum([0] + [lengths[i] for i in g]) for g in groups]
     for a, group_a in enumerate(groups):
         for b in range(a, len(groups)):
@@ -89,6 +100,20 @@ def nearest_distances(
                 on_block()
     # -inf similarity (an image with itself) becomes an infinite distance
     return [t.mul_(-2).add_(2).clamp_(min=0).sqrt_() for t in tables]
+
+
+def sub_batches(grids: Sequence[np.ndarray], max_peers: int) -> list[list[int]]:
+    """Indices of the batch dealt into the fewest sub-batches of at most `max_peers` images,
+    in an order set by the images' content: each sub-batch is a spread sample of the batch,
+    and the split does not depend on the order the images came in."""
+    parts = math.ceil(len(grids) / max_peers)
+    if parts <= 1:
+        return [list(range(len(grids)))]
+    order = sorted(
+        range(len(grids)),
+        key=lambda i: hashlib.blake2b(np.ascontiguousarray(grids[i]).tobytes()).digest(),
+    )
+    return [sorted(order[p::parts]) for p in range(parts)]
 
 
 def mean_of_smallest(table: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -118,15 +143,25 @@ class MutualScorer:
     neighbourhoods: patch-aggregation sizes whose score maps are averaged.
     vouch_fraction: share of the other images whose nearest-patch distances are averaged.
     rescore_neighbours: image scores are averaged with this many most similar images' (0: off).
+    max_peers: a larger batch is split into sub-batches of at most this many images, each
+        scored on its own, so memory and time per image stay bounded.
+    precision: arithmetic of the distance products: "float32", "bfloat16" (twice as fast
+        where the CPU has bfloat16 instructions) or "auto" (bfloat16 only there).
+
+    Defaults: 1x1 patches and no re-scoring. On Magnetic Tile at 448 px the 3x3 and 5x5
+    neighbourhoods and re-scoring each lowered image AUROC (by 0.03 and 0.05) and the 3x3/5x5
+    maps lowered AUPRO, at three times the time; `(1, 3, 5)` and 8 are MuSc's settings.
     """
 
     name = "mutual"
 
     def __init__(
         self,
-        neighbourhoods: Sequence[int] = (1, 3, 5),
+        neighbourhoods: Sequence[int] = (1,),
         vouch_fraction: float = 0.3,
-        rescore_neighbours: int = 8,
+        rescore_neighbours: int = 0,
+        max_peers: int = MAX_PEERS,
+        precision: str = "auto",
         block_patches: int = BLOCK_PATCHES,
     ) -> None:
         if not 0 < vouch_fraction <= 1:
@@ -135,9 +170,14 @@ class MutualScorer:
             raise ValueError(f"neighbourhoods must be odd sizes >= 1, got {neighbourhoods}")
         if rescore_neighbours < 0:
             raise ValueError(f"rescore_neighbours must be >= 0 (0: off), got {rescore_neighbours}")
+        if max_peers < MIN_BATCH:
+            raise ValueError(f"max_peers must be at least {MIN_BATCH}, got {max_peers}")
+        resolve_precision(precision)
         self.neighbourhoods = tuple(neighbourhoods)
         self.vouch_fraction = vouch_fraction
         self.rescore_neighbours = rescore_neighbours
+        self.max_peers = max_peers
+        self.precision = precision
         self.block_patches = block_patches
 
     def get_params(self) -> dict[str, Any]:
@@ -145,12 +185,18 @@ class MutualScorer:
             "neighbourhoods": list(self.neighbourhoods),
             "vouch_fraction": self.vouch_fraction,
             "rescore_neighbours": self.rescore_neighbours,
+            "max_peers": self.max_peers,
+            "precision": self.precision,
         }
 
     def n_blocks(self, grids: Sequence[np.ndarray]) -> int:
         """How many distance blocks `score_batch` computes (for progress bars)."""
-        groups = len(_blocks([g.shape[0] * g.shape[1] for g in grids], self.block_patches))
-        return len(self.neighbourhoods) * groups * (groups + 1) // 2
+        total = 0
+        for members in sub_batches(grids, self.max_peers):
+            lengths = [grids[i].shape[0] * grids[i].shape[1] for i in members]
+            groups = len(_blocks(lengths, self.block_patches))
+            total += groups * (groups + 1) // 2
+        return len(self.neighbourhoods) * total
 
     @torch.inference_mode()
     def score_batch(
@@ -169,12 +215,15 @@ class MutualScorer:
                 len(grids),
                 RELIABLE_BATCH,
             )
+        dtype = torch.bfloat16 if resolve_precision(self.precision) == "bfloat16" else torch.float32
         total = [np.zeros(g.shape[:2], dtype=np.float64) for g in grids]
-        for size in self.neighbourhoods:
-            patches = [neighbourhood_features(g, size) for g in grids]
-            tables = nearest_distances(patches, self.block_patches, on_block)
-            for acc, table, grid in zip(total, tables, grids, strict=True):
-                acc += mean_of_smallest(table, self.vouch_fraction).numpy().reshape(grid.shape[:2])
+        for members in sub_batches(grids, self.max_peers):
+            for size in self.neighbourhoods:
+                patches = [neighbourhood_features(grids[i], size) for i in members]
+                tables = nearest_distances(patches, self.block_patches, on_block, dtype)
+                for i, table in zip(members, tables, strict=True):
+                    smallest = mean_of_smallest(table, self.vouch_fraction)
+                    total[i] += smallest.numpy().reshape(grids[i].shape[:2])
         return [(acc / len(self.neighbourhoods)).astype(np.float32) for acc in total]
 
     def rescore(self, scores: np.ndarray, grids: Sequence[np.ndarray]) -> np.ndarray:
