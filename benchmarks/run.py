@@ -46,6 +46,11 @@ def _rows() -> dict[str, list[str]]:
         for shots in (1, 2, 4, 8, 16):
             rows[f"dinov2-{size}-{shots}shot"] = [*base, "--shots", str(shots), *DRAWS]
         rows[f"dinov2-{size}-gaussian"] = [*base, "--method", "gaussian"]
+        # Only the principal components holding the smallest 1% of the variance (Rippel et al.).
+        rows[f"dinov2-{size}-gaussian-lowvar"] = [
+            *base,
+            *("--method", "gaussian", "--low-variance", "0.01"),
+        ]
         rows[f"dinov2-{size}-fused"] = [*base, "--method", "patchknn+gaussian"]
         rows[f"dinov2-{size}-mutual"] = [*base, "--method", "mutual"]
         # Zero-shot with MuSc's neighbourhood sizes and image re-scoring (the default before).

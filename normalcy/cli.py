@@ -124,15 +124,26 @@ def _detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) -
         "shifted backbone passes per image; scores and decisions unchanged). --no-dense-map: "
         "about three times faster, coarser outlines",
     )
+    parser.add_argument(
+        "--low-variance",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="gaussian: keep only the principal components of smallest variance that hold "
+        "FRACTION of the variance (Rippel et al.; default: all components)",
+    )
     _map_options(parser)
     if MUTUAL in methods:
         _zero_shot_options(parser)
 
 
 def _make_detector(args: argparse.Namespace, method: str | None = None, **extra) -> Detector:
+    chosen = method or args.method or "patchknn"
+    if args.low_variance is not None and args.method not in ("gaussian", "all"):
+        raise ValueError("--low-variance is an option of --method gaussian")
     return Detector(
         backbone=args.backbone,
-        method=method or args.method or "patchknn",
+        method=chosen,
         shots=args.shots,
         image_size=args.image_size,
         augment=not args.no_augment,
@@ -143,6 +154,7 @@ def _make_detector(args: argparse.Namespace, method: str | None = None, **extra)
         dense_map=args.dense_map,
         closing=args.closing,
         precision=args.precision,
+        low_variance_fraction=args.low_variance if chosen == "gaussian" else None,
         **extra,
     )
 

@@ -120,6 +120,8 @@ class Detector:
     precision: the arithmetic of the backbone and the nearest-neighbour search: "float32",
         "bfloat16", or "auto" (bfloat16 on CPUs with bfloat16 instructions, where it is
         faster; float32 elsewhere). The search re-measures its candidates in float32.
+    low_variance_fraction: gaussian only: keep only the principal components of smallest
+        variance that hold this share of the variance (Rippel et al.); None keeps all.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class Detector:
         dense_map: bool = True,
         closing: int = 3,
         precision: str = "auto",
+        low_variance_fraction: float | None = None,
     ) -> None:
         if shots is not None and shots < 1:
             raise ValueError(f"shots must be at least 1, got {shots}")
@@ -154,6 +157,15 @@ class Detector:
         if closing < 1:
             raise ValueError(f"closing must be at least 1 patch (1 = off), got {closing}")
         resolve_precision(precision)  # refuses an unknown name before a long fit
+        if low_variance_fraction is not None:
+            if method != "gaussian":
+                raise ValueError(
+                    f"low_variance_fraction is an option of the gaussian method, not {method!r}"
+                )
+            if not 0 < low_variance_fraction <= 1:
+                raise ValueError(
+                    f"low_variance_fraction must be in (0, 1], got {low_variance_fraction}"
+                )
         self.backbone = backbone
         self.method = method
         self.image_size = image_size
@@ -174,6 +186,7 @@ class Detector:
         self.dense_map = dense_map
         self.closing = closing
         self.precision = precision
+        self.low_variance_fraction = low_variance_fraction
 
     # ----------------------------------------------------------------- features
     def _backbone(self) -> Backbone:
@@ -221,7 +234,7 @@ class Detector:
                 "(CLI: normalcy predict --zero-shot INPUT_DIR -o OUT)"
             )
         if self.method == "gaussian":
-            return create_method(self.method)
+            return create_method(self.method, low_variance_fraction=self.low_variance_fraction)
         ratio = 1.0 if few_shot else self.coreset_ratio
         extra = {"context_half": self._backbone().context > 0} if self.method == FUSED else {}
         return create_method(
@@ -604,6 +617,7 @@ class Detector:
             closing=config.get("closing", 1),  # saved before the option existed: none
             # Saved before the option existed: fitted in float32, so scores stay the same.
             precision=backbone.get("precision", "float32"),
+            low_variance_fraction=params.get("low_variance_fraction"),
         )
         arrays = load_file(str(folder / "method.safetensors"))
         detector.method_ = method_from_state(method["name"], method["params"], arrays)

@@ -350,6 +350,17 @@ def test_installed_entry_point_prints_the_version() -> None:
     assert done.stdout.strip() == f"normalcy {__version__}"
 
 
+def test_low_variance_reaches_the_gaussian_and_is_refused_for_other_methods() -> None:
+    args = build_parser().parse_args(["eval", "data", "--method", "all", "--low-variance", "0.05"])
+    assert _make_detector(args, "gaussian").low_variance_fraction == 0.05
+    assert _make_detector(args, "patchknn").low_variance_fraction is None
+    args = build_parser().parse_args(
+        ["fit", "data", "-o", "m", "--method", "patchknn", "--low-variance", "0.05"]
+    )
+    with pytest.raises(ValueError, match="--low-variance"):
+        _make_detector(args)
+
+
 def test_eval_passes_zero_shot_options_to_its_detectors() -> None:
     args = build_parser().parse_args(
         ["eval", "data", "--method", "mutual", "--mutual-sizes", "1", "3", "--mutual-rescore", "2"]

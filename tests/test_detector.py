@@ -565,6 +565,27 @@ def test_gaussian_method_separates_and_round_trips(
     np.testing.assert_allclose(_scores(loaded.predict(data["bad"])), bad, rtol=1e-5)
 
 
+def test_gaussian_keeps_only_low_variance_components_when_asked_and_reloads_them(
+    data: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    detector = Detector(method="gaussian", low_variance_fraction=0.2, **OPTIONS)
+    detector.fit(data["train"][0].parent)
+    full = Detector(method="gaussian", **OPTIONS).fit(data["train"][0].parent)
+    assert detector.method_.patch_whitening_.shape[1] < full.method_.patch_whitening_.shape[1]
+    bad = _scores(detector.predict(data["bad"]))
+    assert not np.allclose(bad, _scores(full.predict(data["bad"])))
+    loaded = Detector.load(detector.save(tmp_path / "low"))
+    assert loaded.low_variance_fraction == 0.2
+    np.testing.assert_allclose(_scores(loaded.predict(data["bad"])), bad, rtol=1e-5)
+
+
+def test_low_variance_fraction_is_refused_outside_the_gaussian_or_range() -> None:
+    with pytest.raises(ValueError, match="option of the gaussian method"):
+        Detector(low_variance_fraction=0.1)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        Detector(method="gaussian", low_variance_fraction=1.5)
+
+
 # --------------------------------------------------------- patchknn+gaussian
 def test_fused_method_separates_and_round_trips(
     data: dict[str, list[Path]], fitted: Detector, tmp_path: Path
