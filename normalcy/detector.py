@@ -162,10 +162,8 @@ class Detector:
                 raise ValueError(
                     f"low_variance_fraction is an option of the gaussian method, not {method!r}"
                 )
-            if not 0 < low_variance_fraction <= 1:
-                raise ValueError(
-                    f"low_variance_fraction must be in (0, 1], got {low_variance_fraction}"
-                )
+            # refuses a fraction outside (0, 1] before a long fit
+            create_method(method, low_variance_fraction=low_variance_fraction)
         self.backbone = backbone
         self.method = method
         self.image_size = image_size
@@ -359,7 +357,7 @@ class Detector:
         full = self._map(scores, size, dense)
         if self.closing == 1 and not dense:
             return image_score(full), full
-        return self._rank(scores[::2, ::2] if dense else scores, size), full
+        return self._rank(self._plain(scores, dense), size), full
 
     def _score_parts(
         self, method, parts: np.ndarray, size: tuple[int, int]
@@ -384,9 +382,11 @@ class Detector:
         width = 2 * self.closing - 1 if dense else self.closing
         return anomaly_map(fill_gaps(patch_scores, width), size, self.sigma, dense)
 
-    def _plain(self, grid: np.ndarray) -> np.ndarray:
-        """The plain-stride part of a predicting grid: the even rows and columns of a dense one."""
-        return grid[::2, ::2] if self.dense_map else grid
+    def _plain(self, grid: np.ndarray, dense: bool | None = None) -> np.ndarray:
+        """The plain-stride part of a grid (by default the predicting one): the even rows and
+        columns of a dense one."""
+        dense = self.dense_map if dense is None else dense
+        return grid[::2, ::2] if dense else grid
 
     def _set_thresholds(self, normal: list[tuple[float, np.ndarray]]) -> None:
         scores = np.array([score for score, _ in normal])

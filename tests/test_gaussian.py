@@ -79,7 +79,7 @@ def test_low_variance_components_keep_the_requested_share() -> None:
     assert kept.shape == (4, 2)
     np.testing.assert_allclose(np.abs(kept).max(axis=0), [1.0, 1 / np.sqrt(2)], rtol=1e-9)
     with pytest.raises(ValueError, match="low_variance_fraction"):
-        whitening(cov, low_variance_fraction=1.5)
+        GaussianScorer(low_variance_fraction=1.5)
 
 
 def test_save_state_round_trip_gives_the_same_scores() -> None:

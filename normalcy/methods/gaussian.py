@@ -81,16 +81,13 @@ class FeatureSums:
 def whitening(cov: np.ndarray, low_variance_fraction: float | None) -> np.ndarray:
     """A (dims, k) matrix W with |W^T (x - mean)| the Mahalanobis distance.
 
-    With `low_variance_fraction`, only the smallest-variance principal components that together
-    hold that fraction of the variance are kept: Rippel et al. find anomalies live there.
+    With `low_variance_fraction` (in (0, 1], as `GaussianScorer` checks), only the
+    smallest-variance principal components that together hold that fraction of the variance
+    are kept: Rippel et al. find anomalies live there.
     """
     eigenvalues, eigenvectors = np.linalg.eigh(cov)
     eigenvalues = np.maximum(eigenvalues, eigenvalues.max() * 1e-12)
     if low_variance_fraction is not None:
-        if not 0 < low_variance_fraction <= 1:
-            raise ValueError(
-                f"low_variance_fraction must be in (0, 1], got {low_variance_fraction}"
-            )
         share = np.cumsum(eigenvalues) / eigenvalues.sum()  # ascending eigenvalues
         keep = max(1, int(np.searchsorted(share, low_variance_fraction, side="right")))
         eigenvalues, eigenvectors = eigenvalues[:keep], eigenvectors[:, :keep]
@@ -107,6 +104,10 @@ class GaussianScorer:
     name = "gaussian"
 
     def __init__(self, low_variance_fraction: float | None = None) -> None:
+        if low_variance_fraction is not None and not 0 < low_variance_fraction <= 1:
+            raise ValueError(
+                f"low_variance_fraction must be in (0, 1], got {low_variance_fraction}"
+            )
         self.low_variance_fraction = low_variance_fraction
 
     def get_params(self) -> dict[str, Any]:
