@@ -51,6 +51,11 @@ def _rows() -> dict[str, list[str]]:
             *base,
             *("--method", "gaussian", "--low-variance", "0.01"),
         ]
+        # One Gaussian over blocks spread through the network (Rippel et al. use every level).
+        rows[f"dinov2-{size}-gaussian-blocks"] = [
+            *base,
+            *("--method", "gaussian", "--layers", "2", "5", "8", "11"),
+        ]
         rows[f"dinov2-{size}-fused"] = [*base, "--method", "patchknn+gaussian"]
         rows[f"dinov2-{size}-mutual"] = [*base, "--method", "mutual"]
         # Zero-shot with MuSc's neighbourhood sizes and image re-scoring (the default before).
