@@ -12,9 +12,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from normalcy import __version__
-from normalcy.backbones import BACKBONES, PRECISIONS
+from normalcy.backbones import BACKBONES, DEVICES, PRECISIONS
 from normalcy.data import ImageLoadError, TestSample, expand_inputs, load_image
 from normalcy.detector import (
     FUSED,
@@ -27,6 +28,7 @@ from normalcy.detector import (
 from normalcy.evaluate import evaluate, format_defect_table, format_table, summarize
 from normalcy.methods import METHODS
 from normalcy.methods.mutual import MutualScorer
+from normalcy.postprocess import UPSAMPLING, resize_map
 from normalcy.report import ReportImage, write_report
 from normalcy.visualize import overlay, save_png, thumbnail, write_atomic
 
@@ -38,6 +40,13 @@ METHOD_HELP = (
     "normal features; patchknn+gaussian: both, standardised and averaged (full-shot); "
     "mutual (eval only): zero-shot, test images score each other. "
     "Default for fit: chosen from the number of normal images"
+)
+
+
+DENSE_MAP_HELP = (
+    "draw maps from patches at half the backbone stride: finer outlines for about 4x the "
+    "predict time (three more shifted backbone passes); scores, decisions and the fit are the "
+    "same either way (default: off)"
 )
 
 
@@ -54,11 +63,29 @@ def _backbone_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=PRECISIONS,
         help="arithmetic of the backbone and the nearest-neighbour search; auto: bfloat16 where "
-        "the CPU has bfloat16 instructions (faster there), float32 elsewhere",
+        "the device has bfloat16 instructions (faster there), float32 elsewhere",
+    )
+    _device_option(parser)
+
+
+def _device_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="{" + ",".join(DEVICES) + "}",
+        help="where the backbone, the search and the maps run (also cuda:N); auto: CUDA when "
+        "present, then MPS, else the CPU",
     )
 
 
 def _map_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--upsample",
+        default="bicubic",
+        choices=UPSAMPLING,
+        help="how patch scores are upsampled into the map: bicubic (default) outlines small "
+        "defects more tightly; scores and decisions are the same either way",
+    )
     parser.add_argument(
         "--closing",
         type=int,
@@ -119,10 +146,8 @@ def _detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) -
     parser.add_argument(
         "--dense-map",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="score patches at half the backbone stride for a finer map (default; three more "
-        "shifted backbone passes per image; scores and decisions unchanged). --no-dense-map: "
-        "about three times faster, coarser outlines",
+        default=False,
+        help=DENSE_MAP_HELP,
     )
     parser.add_argument(
         "--low-variance",
@@ -153,7 +178,9 @@ def _make_detector(args: argparse.Namespace, method: str | None = None, **extra)
         context=args.context,
         dense_map=args.dense_map,
         closing=args.closing,
+        upsample=args.upsample,
         precision=args.precision,
+        device=args.device,
         low_variance_fraction=args.low_variance if chosen == "gaussian" else None,
         **extra,
     )
@@ -221,7 +248,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             progress=not args.json,
             scorer=_scorer(args),
             closing=args.closing,
+            upsample=args.upsample,
             precision=args.precision,
+            device=args.device,
         )
         return _write_predictions(args, detector, detector.zero_shot(args.paths), "zero-shot")
     if len(args.paths) < 2:
@@ -230,8 +259,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "normalcy predict MODEL_DIR INPUT... (or normalcy predict --zero-shot INPUT...)"
         )
     model_dir, inputs = args.paths[0], args.paths[1:]
-    detector = Detector.load(model_dir, weights=args.weights)
+    detector = Detector.load(model_dir, weights=args.weights, device=args.device)
     detector.progress = not args.json
+    if args.dense_map is not None:
+        detector.dense_map = args.dense_map
     if args.threshold is not None:
         detector.set_threshold(args.threshold)
     return _write_predictions(args, detector, detector.predict_iter(inputs), str(model_dir))
@@ -258,8 +289,11 @@ def _write_predictions(
             continue
         row = item.to_json()
         write_maps = bool(out and args.maps)
-        # Decoded once more (predict does not keep images), and only when something needs it.
-        image = load_image(item.name) if write_maps or args.report else None
+        # Decoded once more (predict does not keep images), and only when something needs it:
+        # at full size for overlays, reduced for a report's thumbnails.
+        image = None
+        if write_maps or args.report:
+            image = load_image(item.name, min_side=None if write_maps else REPORT_SIDE)
         if write_maps:
             scale = vmax or float(np.percentile(item.anomaly_map, 99.5))
             row["files"] = _write_maps(out, _unique_stem(item.name, used), item, image, scale)
@@ -288,19 +322,19 @@ def _write_predictions(
 def _report_image(
     prediction: Prediction, image: np.ndarray, label: int | None = None, group: str = ""
 ) -> ReportImage:
-    """A report entry at thumbnail size, so a report over hundreds of images stays small."""
+    """A report entry at thumbnail size, so a report over hundreds of images stays small; its
+    map is drawn at that size from the prediction's fixed-scale map, never at full size."""
     small = thumbnail(image, REPORT_SIDE)
-    shape = small.shape[:2]
+    small_map = resize_map(prediction.score_map, small.shape[:2])
+    threshold = prediction.pixel_threshold
     return ReportImage(
         name=prediction.name,
         image=small,
-        anomaly_map=thumbnail(prediction.anomaly_map, REPORT_SIDE).reshape(shape),
+        anomaly_map=small_map,
         score=prediction.score,
         is_anomalous=bool(prediction.is_anomalous),
         label=label,
-        mask=None
-        if prediction.mask is None
-        else thumbnail(prediction.mask.astype(np.float32), REPORT_SIDE).reshape(shape) > 0.5,
+        mask=None if threshold is None else small_map > threshold,
         group=group,
     )
 
@@ -407,7 +441,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"model names must be unique, got {names}; use NAME=DIR to rename")
     models = {}
     for name, folder in named:
-        models[name] = Detector.load(folder, weights=args.weights)
+        models[name] = Detector.load(folder, weights=args.weights, device=args.device)
         print(f"loaded {name} from {folder}", file=sys.stderr)
     settings = ServiceSettings(
         token=os.environ.get("NORMALCY_TOKEN") or None,
@@ -433,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"normalcy {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, one per core)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="learn normality from a folder of normal images")
@@ -463,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--maps", action="store_true", help="with -o: write overlays and .npy maps"
     )
     predict.add_argument("--threshold", type=float, default=None, help="override the threshold")
+    predict.add_argument(
+        "--dense-map",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=DENSE_MAP_HELP.replace("(default: off)", "(default: as the model was fitted)"),
+    )
     predict.add_argument("--report", help="write an HTML report to this file")
     predict.add_argument("--weights", default=None, help="backbone weights file to use")
     zero_shot = predict.add_argument_group("zero-shot feature options")
@@ -491,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--weights", default=None, help="backbone weights file to use")
+    _device_option(serve)
     serve.add_argument("--max-upload-mb", type=float, default=20, help="largest upload accepted")
     serve.add_argument(
         "--max-megapixels", type=float, default=40, help="largest image accepted (pixels / 1e6)"
@@ -533,6 +581,11 @@ def return_freed_memory() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return_freed_memory()
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"normalcy: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )

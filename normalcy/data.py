@@ -60,56 +60,109 @@ def source_name(source: ImageInput, index: int) -> str:
     return f"<image {index}>"
 
 
-def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def reduction_factor(height: int, width: int, min_side: int | None) -> int:
+    """The integer factor by which an image may shrink when it will be resized to ``min_side``.
+
+    The caller will resize the image so its short side is ``min_side``; decoding more than about
+    twice that is wasted work. The factor is ``short_side // (2 * min_side)``, at least 1, so the
+    reduced image keeps a short side of at least ``2 * min_side`` (enough for an antialiased
+    resize to stay faithful). 1, also the answer for ``min_side=None``, means no reduction.
+    """
+    if min_side is None:
+        return 1
+    _check_min_side(min_side)
+    return max(1, min(height, width) // (2 * min_side))
+
+
+def _check_min_side(min_side: int | None) -> None:
+    if min_side is not None and min_side < 1:
+        raise ValueError(f"min_side must be a positive number of pixels or None, got {min_side}")
+
+
+def load_image(
+    source: ImageInput, max_pixels: int = MAX_PIXELS, min_side: int | None = None
+) -> np.ndarray:
     """Load a path, array or PIL image as a uint8 RGB array of shape (H, W, 3).
 
     16-bit data is divided by 257 and floats are read as [0, 1], the same for every image so
     intensities stay comparable between images. Alpha is dropped, grayscale is replicated to
     three channels. Images with more than ``max_pixels`` pixels are refused before decoding.
     Every failure raises :class:`ImageLoadError` naming the source.
+
+    ``min_side`` says the caller will resize the image so its short side is ``min_side``: a
+    large image then comes back smaller, by :func:`reduction_factor` (JPEGs are decoded at
+    reduced scale, anything else is box-filtered), which saves most of the decode and resize
+    time. :func:`load_image_with_size` also returns the original size.
     """
+    return load_image_with_size(source, max_pixels, min_side)[0]
+
+
+def load_image_with_size(
+    source: ImageInput, max_pixels: int = MAX_PIXELS, min_side: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Like :func:`load_image`, and also the original (height, width) before any reduction."""
     if isinstance(source, (str, os.PathLike)):
         name = os.fsdecode(source)
     elif isinstance(source, np.ndarray):
         name = _ARRAY_NAME
     else:
         name = _PIL_NAME
-    return _load(source, name, max_pixels)
+    return _load(source, name, max_pixels, min_side)
 
 
 @dataclass(frozen=True, eq=False)
 class LoadedImage:
-    """One successfully loaded image and the name to report it under."""
+    """One successfully loaded image, the name to report it under and its original size.
+
+    ``size`` is the (height, width) of the image before any reduction (see ``min_side`` in
+    :func:`load_image`), the size at which full-resolution maps are drawn; it defaults to the
+    size of ``image``.
+    """
 
     name: str
     image: np.ndarray
+    size: tuple[int, int] = None  # type: ignore[assignment]  # set by __post_init__
+
+    def __post_init__(self) -> None:
+        if self.size is None:
+            height, width = self.image.shape[:2]
+            object.__setattr__(self, "size", (height, width))
 
 
 def load_many(
-    sources: Sequence[ImageInput], max_pixels: int = MAX_PIXELS
+    sources: Sequence[ImageInput], max_pixels: int = MAX_PIXELS, min_side: int | None = None
 ) -> Iterator[LoadedImage | ImageLoadError]:
     """Load images one at a time, in order, yielding either the image or its error.
 
     A bad image is yielded as its :class:`ImageLoadError` (never raised, never dropped) so the
-    caller can report it and go on with the rest.
+    caller can report it and go on with the rest. ``min_side`` reduces large images as in
+    :func:`load_image`; each :class:`LoadedImage` keeps its original size.
     """
     for index, source in enumerate(sources):
         name = source_name(source, index)
         try:
-            yield LoadedImage(name=name, image=_load(source, name, max_pixels))
+            image, size = _load(source, name, max_pixels, min_side)
+            yield LoadedImage(name=name, image=image, size=size)
         except ImageLoadError as err:
             yield err
 
 
-def _load(source: ImageInput, name: str, max_pixels: int) -> np.ndarray:
+def _load(
+    source: ImageInput, name: str, max_pixels: int, min_side: int | None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The one loading path: the RGB image (reduced for ``min_side``) and its original size."""
+    _check_min_side(min_side)
     if isinstance(source, (str, os.PathLike)):
-        return _load_file(Path(os.fsdecode(source)), name, max_pixels)
+        return _load_file(Path(os.fsdecode(source)), name, max_pixels, min_side)
     if isinstance(source, np.ndarray):
-        return _array_to_rgb(source, name, max_pixels)
+        rgb = _array_to_rgb(source, name, max_pixels, min_side)
+        height, width = source.shape[:2]
+        return rgb, (height, width)
     if isinstance(source, Image.Image):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return _decode_pil(source, name, max_pixels)
+            # The caller's image is never drafted: that would change it in place.
+            return _decode_pil(source, name, max_pixels, min_side, draft=False)
     raise ImageLoadError(
         name,
         f"unsupported input type {type(source).__name__}; "
@@ -117,7 +170,9 @@ def _load(source: ImageInput, name: str, max_pixels: int) -> np.ndarray:
     )
 
 
-def _load_file(path: Path, name: str, max_pixels: int) -> np.ndarray:
+def _load_file(
+    path: Path, name: str, max_pixels: int, min_side: int | None
+) -> tuple[np.ndarray, tuple[int, int]]:
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -128,20 +183,32 @@ def _load_file(path: Path, name: str, max_pixels: int) -> np.ndarray:
         raise ImageLoadError(name, "is a directory, not an image file")
     if info.st_size == 0:
         raise ImageLoadError(name, "empty file (0 bytes)")
-    return _decode_stream(path, name, max_pixels)
+    return _decode_stream(path, name, max_pixels, min_side)
 
 
-def load_image_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image_bytes(
+    data: bytes, name: str, max_pixels: int = MAX_PIXELS, min_side: int | None = None
+) -> np.ndarray:
     """Decode an encoded image (an upload, say) as uint8 RGB, like `load_image`.
 
     The format is recognised from the content, never from `name`, which only labels errors.
     """
+    return load_image_bytes_with_size(data, name, max_pixels, min_side)[0]
+
+
+def load_image_bytes_with_size(
+    data: bytes, name: str, max_pixels: int = MAX_PIXELS, min_side: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Like :func:`load_image_bytes`, and also the original (height, width) before reduction."""
+    _check_min_side(min_side)
     if not data:
         raise ImageLoadError(name, "empty file (0 bytes)")
-    return _decode_stream(io.BytesIO(data), name, max_pixels)
+    return _decode_stream(io.BytesIO(data), name, max_pixels, min_side)
 
 
-def _decode_stream(source: Path | BinaryIO, name: str, max_pixels: int) -> np.ndarray:
+def _decode_stream(
+    source: Path | BinaryIO, name: str, max_pixels: int, min_side: int | None
+) -> tuple[np.ndarray, tuple[int, int]]:
     # Pillow warns (and above twice its limit, raises) on large images as soon as it reads the
     # header. The warning is silenced here, for this call only, so that our own max_pixels check,
     # which runs right after the header is read, decides instead; Image.MAX_IMAGE_PIXELS is left
@@ -161,14 +228,24 @@ def _decode_stream(source: Path | BinaryIO, name: str, max_pixels: int) -> np.nd
         except Exception as exc:
             raise ImageLoadError(name, f"cannot read image header ({_describe(exc)})") from None
         with image:
-            return _decode_pil(image, name, max_pixels)
+            return _decode_pil(image, name, max_pixels, min_side, draft=True)
 
 
-def _decode_pil(image: Image.Image, name: str, max_pixels: int) -> np.ndarray:
-    """Check the size from the header, then fully decode and convert a PIL image."""
+def _decode_pil(
+    image: Image.Image, name: str, max_pixels: int, min_side: int | None, draft: bool
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Check the size from the header, then fully decode and convert a PIL image.
+
+    Returns the RGB array, reduced for ``min_side``, and the original (height, width). With
+    ``draft``, a JPEG is decoded directly at 1/2, 1/4 or 1/8 scale when ``min_side`` allows.
+    """
     width, height = image.size
-    _check_size(name, height, width, max_pixels)
+    _check_size(name, height, width, max_pixels)  # the original size, before any draft
+    factor = reduction_factor(height, width, min_side)
     try:
+        if draft and factor > 1 and image.format == "JPEG":
+            # The JPEG decoder picks the largest DCT scaling that keeps at least this size.
+            image.draft(image.mode, (width // factor, height // factor))
         # Forces a full decode, so truncated or corrupt data fails here rather than later.
         image.load()
         array = _pil_to_array(image)
@@ -178,7 +255,7 @@ def _decode_pil(image: Image.Image, name: str, max_pixels: int) -> np.ndarray:
         raise ImageLoadError(name, f"unsupported image mode {image.mode!r}") from None
     except Exception as exc:
         raise ImageLoadError(name, f"corrupt or truncated image data ({_describe(exc)})") from None
-    return _array_to_rgb(array, name, max_pixels)
+    return _array_to_rgb(array, name, max_pixels, min_side), (height, width)
 
 
 class _UnsupportedModeError(Exception):
@@ -203,7 +280,9 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
     return array
 
 
-def _array_to_rgb(array: np.ndarray, name: str, max_pixels: int) -> np.ndarray:
+def _array_to_rgb(
+    array: np.ndarray, name: str, max_pixels: int, min_side: int | None
+) -> np.ndarray:
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))):
         raise ImageLoadError(
             name,
@@ -236,7 +315,15 @@ def _array_to_rgb(array: np.ndarray, name: str, max_pixels: int) -> np.ndarray:
         values = values[..., None]
     rgb = np.empty((height, width, 3), dtype=np.uint8)
     rgb[...] = values[..., :3]  # drops alpha; a single channel broadcasts to three
-    return rgb
+    return _reduce(rgb, min_side)
+
+
+def _reduce(rgb: np.ndarray, min_side: int | None) -> np.ndarray:
+    """Box-filter a uint8 RGB array by :func:`reduction_factor`, from its current size."""
+    factor = reduction_factor(rgb.shape[0], rgb.shape[1], min_side)
+    if factor == 1:
+        return rgb
+    return np.array(Image.fromarray(rgb).reduce(factor))  # a writable, contiguous copy
 
 
 def _check_size(name: str, height: int, width: int, max_pixels: int) -> None:

@@ -10,16 +10,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from normalcy import __version__
-from normalcy.backbones import Backbone, create_backbone, resolve_precision
+from normalcy.backbones import Backbone, create_backbone, resolve_device, resolve_precision
 from normalcy.data import (
     ImageInput,
     ImageLoadError,
@@ -28,15 +28,11 @@ from normalcy.data import (
     load_many,
 )
 from normalcy.methods import create_method, method_from_state
+from normalcy.methods.base import GridScores, Method
 from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.methods.mutual import MutualScorer
-from normalcy.postprocess import (
-    SIGMA_AT_256,
-    anomaly_map,
-    fill_gaps,
-    image_score,
-    threshold_at_fpr,
-)
+from normalcy.pipeline import MapSettings, Pipeline, Prediction, feature_grids, prefetched
+from normalcy.postprocess import SIGMA_AT_256, threshold_at_fpr
 
 log = logging.getLogger("normalcy")
 
@@ -67,26 +63,6 @@ def choose_setting(n_normal: int) -> tuple[str, int | None]:
     return "patchknn", (n_normal if n_normal <= FEW_SHOT_MAX else None)
 
 
-@dataclass
-class Prediction:
-    """The result for one image. `is_anomalous` and `mask` are None when no threshold is set."""
-
-    name: str
-    score: float
-    is_anomalous: bool | None
-    threshold: float | None
-    anomaly_map: np.ndarray
-    mask: np.ndarray | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "score": self.score,
-            "is_anomalous": self.is_anomalous,
-            "threshold": self.threshold,
-        }
-
-
 def augmentations(image: np.ndarray) -> list[np.ndarray]:
     """The image, its 90/180/270-degree rotations and their mirror images (8 views).
 
@@ -110,18 +86,23 @@ class Detector:
     scorer: the zero-shot scorer for method "mutual" (default: `MutualScorer` in `precision`).
     context: weight of each patch's difference from its image's median patch, appended to
         its features (0 = off; None: 1 for the patch-kNN methods, 0 for the others).
-    dense_map: score images at half the backbone stride (three more shifted backbone passes
-        and four times the patches searched) for a finer map; image scores and decisions
-        stay those of the plain grid. Used when predicting, not for the bank. False makes
-        predicting about three times faster, with coarser outlines.
+    dense_map: draw maps from a half-stride grid (three more shifted backbone passes and four
+        times the patches searched, about 4x the predict time) for finer outlines; image
+        scores, decisions and the fit are the same either way, so it may be switched on a
+        fitted or loaded detector.
     closing: width in patches of the grey-level closing applied to patch scores before they
         become a map (1 = off): fills the inside of broad defects that light up only at their
         outline. Maps and masks only; image scores come from the unfilled map.
+    upsample: how patch scores are upsampled into the map users see, "bicubic" (sharper
+        peaks between patch centres: small defects outlined more tightly) or "bilinear".
+        Maps and masks only; image scores always come from the bilinear map.
     precision: the arithmetic of the backbone and the nearest-neighbour search: "float32",
-        "bfloat16", or "auto" (bfloat16 on CPUs with bfloat16 instructions, where it is
-        faster; float32 elsewhere). The search re-measures its candidates in float32.
+        "bfloat16", or "auto" (bfloat16 where the device has bfloat16 instructions, where it
+        is faster; float32 elsewhere). The search re-measures its candidates in float32.
     low_variance_fraction: gaussian only: keep only the principal components of smallest
         variance that hold this share of the variance (Rippel et al.); None keeps all.
+    device: "auto" (CUDA, then MPS, then the CPU), "cpu", "cuda", "cuda:N" or "mps": where
+        the backbone, the search and the maps run. A saved model loads on any device.
     """
 
     def __init__(
@@ -143,10 +124,12 @@ class Detector:
         seed: int = 0,
         scorer: MutualScorer | None = None,
         context: float | None = None,
-        dense_map: bool = True,
+        dense_map: bool = False,
         closing: int = 3,
+        upsample: str = "bicubic",
         precision: str = "auto",
         low_variance_fraction: float | None = None,
+        device: str = "auto",
     ) -> None:
         if shots is not None and shots < 1:
             raise ValueError(f"shots must be at least 1, got {shots}")
@@ -156,7 +139,11 @@ class Detector:
             raise ValueError(f"context must be non-negative, got {context}")
         if closing < 1:
             raise ValueError(f"closing must be at least 1 patch (1 = off), got {closing}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        MapSettings(sigma, closing, upsample)  # refuses an unknown upsampling before a fit
         resolve_precision(precision)  # refuses an unknown name before a long fit
+        resolve_device(device)  # refuses an unknown or absent device before a long fit
         if low_variance_fraction is not None:
             if method != "gaussian":
                 raise ValueError(
@@ -183,8 +170,10 @@ class Detector:
         self.context = context
         self.dense_map = dense_map
         self.closing = closing
+        self.upsample = upsample
         self.precision = precision
         self.low_variance_fraction = low_variance_fraction
+        self.device = device
 
     # ----------------------------------------------------------------- features
     def _backbone(self) -> Backbone:
@@ -198,24 +187,34 @@ class Detector:
                 if self.context is None
                 else self.context,
                 precision=self.precision,
+                device=self.device,
             )
         return self.backbone_
 
-    def _grids(
-        self, images: Iterable[LoadedImage], dense: bool = False
-    ) -> Iterator[tuple[LoadedImage, np.ndarray]]:
-        """Feature grids, computed a batch at a time so memory stays bounded."""
-        backbone = self._backbone()
-        remaining = iter(images)
-        while batch := list(itertools.islice(remaining, self.batch_size)):
-            grids = backbone.features([b.image for b in batch], dense=dense)
-            yield from zip(batch, grids, strict=True)
+    def _pipeline(self, method: Method | None = None, dense: bool | None = None) -> Pipeline:
+        """The predict path for `method` (by default the fitted one) with this detector's
+        settings and thresholds."""
+        return Pipeline(
+            backbone=self._backbone(),
+            method=self.method_ if method is None else method,
+            maps=MapSettings(self.sigma, self.closing, self.upsample),
+            dense=self.dense_map if dense is None else dense,
+            batch_size=self.batch_size,
+            threshold=getattr(self, "threshold_", None),
+            pixel_threshold=getattr(self, "pixel_threshold_", None),
+        )
+
+    def _grids(self, images: Iterable[LoadedImage]) -> Iterator[torch.Tensor]:
+        """Plain feature grids, computed a batch at a time so memory stays bounded."""
+        for _, grids in feature_grids(self._backbone(), images, self.batch_size):
+            yield from grids
 
     def _loaded(self, sources: Sequence[ImageInput], what: str) -> Iterator[LoadedImage]:
-        """Decoded images; a broken file is logged by name and skipped, never fatal."""
+        """Decoded images (ahead, in a thread); a broken file is logged by name and skipped,
+        never fatal."""
         bar = tqdm(total=len(sources), desc=what, unit="img", disable=not self.progress)
         self.skipped_: list[str] = getattr(self, "skipped_", [])
-        for item in load_many(sources):
+        for item in prefetched(load_many(sources, min_side=self.image_size)):
             bar.update()
             if isinstance(item, ImageLoadError):
                 log.warning("skipped %s", item)
@@ -225,7 +224,7 @@ class Detector:
         bar.close()
 
     # ----------------------------------------------------------------------- fit
-    def _new_method(self, few_shot: bool):
+    def _new_method(self, few_shot: bool) -> Method:
         if self.method == MUTUAL:
             raise ValueError(
                 "the mutual method is zero-shot: it needs no fit; call zero_shot(images) "
@@ -247,14 +246,13 @@ class Detector:
     def _views(self, image: np.ndarray, few_shot: bool) -> list[np.ndarray]:
         return augmentations(image) if few_shot and self.augment else [image]
 
-    def _bank_grids(self, images: Iterable[LoadedImage], few_shot: bool) -> Iterator[np.ndarray]:
+    def _bank_grids(self, images: Iterable[LoadedImage], few_shot: bool) -> Iterator[torch.Tensor]:
         views = (
             LoadedImage(item.name, view)
             for item in images
             for view in self._views(item.image, few_shot)
         )
-        for _, grid in self._grids(views):
-            yield grid
+        yield from self._grids(views)
 
     def fit(self, normal: ImageInput | Sequence[ImageInput]) -> Detector:
         """Learn normality from normal images (a folder, paths, arrays or PIL images).
@@ -288,44 +286,34 @@ class Detector:
             if first is None:
                 raise self._unreadable_error()
             self.method_.fit(self._bank_grids(itertools.chain([first], bank_images), few_shot))
-            normal = self._held_out_scores(self._loaded(held, "hold-out"))
+            held_scores = self.method_.score_held_out(self._grids(self._loaded(held, "hold-out")))
+            normal = [self._normal_result(self.method_, scores) for scores in held_scores]
         else:
             references = list(self._loaded(sources, "fit"))
             if not references:
                 raise self._unreadable_error()
-            normal = self._leave_one_out_scores(references, few_shot)
+            normal = self._leave_one_out_results(references, few_shot)
             self.method_.fit(self._bank_grids(references, few_shot))
         self.n_train_ = len(sources) - len(self.skipped_)
         self._set_thresholds(normal)
         return self
 
-    def _held_out_scores(self, images: Iterable[LoadedImage]) -> list[tuple[float, np.ndarray]]:
-        """Score and map of each held-out normal image; a method that standardises its parts
-        (`calibrate`) learns their scale from these images first."""
-        if not hasattr(self.method_, "calibrate"):
-            return [(p.score, p.anomaly_map) for p in self._predict_loaded(images)]
-        parts = [
-            (item.image.shape[:2], self.method_.parts(grid))
-            for item, grid in self._grids(images, self.dense_map)
-        ]
-        self.method_.calibrate([p for _, p in parts])
-        return [self._score_parts(self.method_, p, size) for size, p in parts]
+    def _normal_result(self, method: Method, scores: GridScores) -> tuple[float, float]:
+        """Image score and map peak of a normal image that no bank has seen."""
+        pipeline = self._pipeline(method, dense=False)
+        peak = pipeline.maps.shown_map(scores.patches, dense=False).max()
+        return pipeline.image_score(scores), float(peak)
 
     def _unreadable_error(self) -> ValueError:
         return ValueError("none of the normal images could be read: " + "; ".join(self.skipped_))
 
-    def _leave_one_out_scores(
+    def _leave_one_out_results(
         self, references: list[LoadedImage], few_shot: bool
-    ) -> list[tuple[float, np.ndarray]]:
-        """Score and map of each reference scored against a model of the others."""
+    ) -> list[tuple[float, float]]:
+        """Image score and map peak of each reference scored against a model of the others."""
         if len(references) < 2:
             return []
         grids = [list(self._bank_grids([r], few_shot)) for r in references]
-        probes = (
-            [grid for _, grid in self._grids(references, dense=True)]
-            if self.dense_map
-            else [views[0] for views in grids]
-        )
         results = []
         for i, reference in enumerate(references):
             method = self._new_method(few_shot)
@@ -334,63 +322,13 @@ class Detector:
             except ValueError as error:  # e.g. too few images left for a Gaussian
                 log.warning("no leave-one-out score for %s: %s", reference.name, error)
                 continue
-            results.append(self._score_grid(method, probes[i], reference.image.shape[:2]))
+            (scores,) = method.score_batch([grids[i][0]])
+            results.append(self._normal_result(method, scores))
         return results
 
-    def _score_grid(
-        self, method, grid: np.ndarray, size: tuple[int, int]
-    ) -> tuple[float, np.ndarray]:
-        """Image score and anomaly map (at `size`) of one feature grid (with `dense_map`, a
-        half-stride grid: the image score comes from its plain-stride part)."""
-        if hasattr(method, "image_score"):  # methods with their own image-level model
-            return method.image_score(self._plain(grid)), self._map(method.score(grid), size)
-        if hasattr(method, "parts"):
-            return self._score_parts(method, method.parts(grid), size)
-        return self._score_and_map(method.score(grid), size)
-
-    def _score_and_map(
-        self, scores: np.ndarray, size: tuple[int, int], dense: bool | None = None
-    ) -> tuple[float, np.ndarray]:
-        """Image score (`_rank` of the plain-stride scores) and map (`_map`) of patch scores;
-        without gap filling on a plain grid the two maps are one, so it is made once."""
-        dense = self.dense_map if dense is None else dense
-        full = self._map(scores, size, dense)
-        if self.closing == 1 and not dense:
-            return image_score(full), full
-        return self._rank(self._plain(scores, dense), size), full
-
-    def _score_parts(
-        self, method, parts: np.ndarray, size: tuple[int, int]
-    ) -> tuple[float, np.ndarray]:
-        """For a method of several scores per patch: the map of their combination, and the
-        image score from the map of the part the method ranks images with (`image_part`)."""
-        ranked = self._rank(self._plain(parts[method.image_part]), size)
-        return ranked, self._map(method.combine(parts), size)
-
-    def _rank(self, plain_scores: np.ndarray, size: tuple[int, int]) -> float:
-        """Image score of plain-stride patch scores, from their map without gap filling
-        (filling raises the busy texture of normal images too, blurring the ranking)."""
-        return image_score(anomaly_map(plain_scores, size, self.sigma))
-
-    def _map(
-        self, patch_scores: np.ndarray, size: tuple[int, int], dense: bool | None = None
-    ) -> np.ndarray:
-        """Anomaly map of patch scores on the grid `_grids` gives when predicting (dense:
-        whether that grid is the half-stride one; by default `dense_map`)."""
-        dense = self.dense_map if dense is None else dense
-        # The same closing extent in the image on a grid of twice the density.
-        width = 2 * self.closing - 1 if dense else self.closing
-        return anomaly_map(fill_gaps(patch_scores, width), size, self.sigma, dense)
-
-    def _plain(self, grid: np.ndarray, dense: bool | None = None) -> np.ndarray:
-        """The plain-stride part of a grid (by default the predicting one): the even rows and
-        columns of a dense one."""
-        dense = self.dense_map if dense is None else dense
-        return grid[::2, ::2] if dense else grid
-
-    def _set_thresholds(self, normal: list[tuple[float, np.ndarray]]) -> None:
+    def _set_thresholds(self, normal: list[tuple[float, float]]) -> None:
         scores = np.array([score for score, _ in normal])
-        normal_maps = [m for _, m in normal]
+        peaks = np.array([peak for _, peak in normal])
         self.normal_scores_ = scores
         if self.threshold is not None:
             self.threshold_ = float(self.threshold)
@@ -407,20 +345,12 @@ class Detector:
                 "normal images"
             )
         # Masks: the pixel level that the same share of held-out normal images never reach.
-        peaks = np.array([m.max() for m in normal_maps])
         self.pixel_threshold_ = threshold_at_fpr(peaks, self.fpr) if len(peaks) else None
 
     # ------------------------------------------------------------------- predict
     def _check_fitted(self) -> None:
         if not hasattr(self, "method_"):
             raise RuntimeError("this Detector is not fitted: call fit() or Detector.load()")
-
-    def _predict_loaded(self, images: Iterable[LoadedImage]) -> Iterator[Prediction]:
-        threshold = getattr(self, "threshold_", None)
-        pixel_threshold = getattr(self, "pixel_threshold_", None)
-        for item, grid in self._grids(images, self.dense_map):
-            score, full = self._score_grid(self.method_, grid, item.image.shape[:2])
-            yield _prediction(item.name, score, full, threshold, pixel_threshold)
 
     def zero_shot(
         self, inputs: ImageInput | Sequence[ImageInput]
@@ -436,62 +366,47 @@ class Detector:
         sources = expand_inputs(inputs)
         results: list[Prediction | ImageLoadError | None] = []
         readable: list[tuple[int, str, tuple[int, int]]] = []
-        grids: list[np.ndarray] = []
+        grids: list[torch.Tensor] = []
         bar = tqdm(total=len(sources), desc="features", unit="img", disable=not self.progress)
-        for item in load_many(sources):
+        for item in prefetched(load_many(sources, min_side=self.image_size)):
             bar.update()
             if isinstance(item, ImageLoadError):
                 log.warning("skipped %s", item)
                 results.append(item)
                 continue
-            readable.append((len(results), item.name, item.image.shape[:2]))
+            readable.append((len(results), item.name, item.size))
             results.append(None)
             grids.extend(self._backbone().features([item.image]))
         bar.close()
-        scorer = self.scorer or MutualScorer(precision=self.precision)
+        scorer = self.scorer or MutualScorer(precision=self.precision, sigma=self.sigma)
         bar = tqdm(
             total=scorer.n_blocks(grids), desc="mutual", unit="block", disable=not self.progress
         )
-        patch_scores = scorer.score_batch(grids, on_block=bar.update)
+        scores = scorer.score_batch(grids, on_block=bar.update)
         bar.close()
-        scored = [
-            self._score_and_map(scores, shape, dense=False)
-            for scores, (_, _, shape) in zip(patch_scores, readable, strict=True)
-        ]
-        image_scores = scorer.rescore(np.array([score for score, _ in scored]), grids)
-        maps = [full for _, full in scored]
         self.threshold_ = self.threshold
-        for (position, name, _), score, full in zip(readable, image_scores, maps, strict=True):
-            results[position] = _prediction(name, float(score), full, self.threshold, None)
+        pipeline = self._pipeline(scorer, dense=False)
+        for (position, name, size), grid_scores in zip(readable, scores, strict=True):
+            results[position] = pipeline.prediction(name, size, grid_scores)
         return results  # type: ignore[return-value]
 
     def predict_images(self, images: Iterable[LoadedImage]) -> Iterator[Prediction]:
         """Predictions for already decoded images, in order."""
         self._check_fitted()
-        return self._predict_loaded(images)
+        return self._pipeline().predict_images(images)
 
     def predict_iter(
         self, inputs: ImageInput | Sequence[ImageInput]
     ) -> Iterator[Prediction | ImageLoadError]:
-        """A prediction per input, in order; unreadable inputs yield their error instead."""
+        """A prediction per input, in order; unreadable inputs yield their error instead.
+
+        Only scores and decisions are computed here; a prediction's `anomaly_map` and `mask`
+        are made when first read.
+        """
         self._check_fitted()
         sources = expand_inputs(inputs)
-        pending: list[LoadedImage] = []
         bar = tqdm(total=len(sources), desc="predict", unit="img", disable=not self.progress)
-        for item in load_many(sources):
-            if isinstance(item, ImageLoadError):
-                yield from self._predict_loaded(pending)
-                bar.update(len(pending) + 1)
-                pending = []
-                yield item
-                continue
-            pending.append(item)
-            if len(pending) == self.batch_size:
-                yield from self._predict_loaded(pending)
-                bar.update(len(pending))
-                pending = []
-        yield from self._predict_loaded(pending)
-        bar.update(len(pending))
+        yield from self._pipeline().predict(sources, on_image=bar.update)
         bar.close()
 
     def predict(self, x: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction]:
@@ -540,6 +455,7 @@ class Detector:
             "sigma": self.sigma,
             "dense_map": self.dense_map,
             "closing": self.closing,
+            "upsample": self.upsample,
             "threshold": self.threshold_,
             "threshold_source": self.threshold_source_,
             "pixel_threshold": self.pixel_threshold_,
@@ -577,8 +493,14 @@ class Detector:
         return target
 
     @classmethod
-    def load(cls, path: str | os.PathLike, weights: str | os.PathLike | None = None) -> Detector:
-        """A saved detector; refuses models from an incompatible format with a clear message."""
+    def load(
+        cls,
+        path: str | os.PathLike,
+        weights: str | os.PathLike | None = None,
+        device: str = "auto",
+    ) -> Detector:
+        """A saved detector on `device` (any device, whichever it was fitted on); refuses
+        models from an incompatible format with a clear message."""
         folder = Path(path)
         config_file = folder / "config.json"
         if not config_file.is_file():
@@ -615,9 +537,11 @@ class Detector:
             context=backbone.get("context", 0.0),  # saved before the option existed: none
             dense_map=config.get("dense_map", False),
             closing=config.get("closing", 1),  # saved before the option existed: none
+            upsample=config.get("upsample", "bilinear"),  # saved before it existed: bilinear
             # Saved before the option existed: fitted in float32, so scores stay the same.
             precision=backbone.get("precision", "float32"),
             low_variance_fraction=params.get("low_variance_fraction"),
+            device=device,
         )
         arrays = load_file(str(folder / "method.safetensors"))
         detector.method_ = method_from_state(method["name"], method["params"], arrays)
@@ -635,6 +559,7 @@ class Detector:
             weights=weights,
             context=detector.context,
             precision=detector.precision,
+            device=device,
         )
         if weights_fingerprint(detector.backbone_) != backbone["weights_fingerprint"]:
             raise ValueError(
@@ -647,23 +572,6 @@ class Detector:
         """Fix the image-score threshold (for example from a user's choice)."""
         self.threshold_ = float(threshold)
         self.threshold_source_ = "user"
-
-
-def _prediction(
-    name: str,
-    score: float,
-    full: np.ndarray,
-    threshold: float | None,
-    pixel_threshold: float | None,
-) -> Prediction:
-    return Prediction(
-        name=name,
-        score=score,
-        is_anomalous=None if threshold is None else bool(score > threshold),
-        threshold=threshold,
-        anomaly_map=full,
-        mask=None if pixel_threshold is None else full > pixel_threshold,
-    )
 
 
 def _replaceable(folder: Path) -> bool:

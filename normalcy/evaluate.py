@@ -92,11 +92,16 @@ def _scored_by_fitting(
     fit_seconds = time.perf_counter() - start
     scored = []
     predict_seconds = 0.0
-    for sample, item in zip(category.test, load_many([s.path for s in category.test]), strict=True):
+    # Decoded as predict decodes them (reduced where the file is much larger than the
+    # backbone input), and timed with the prediction; maps are drawn at each image's
+    # original size for the pixel metrics.
+    decoded = load_many([s.path for s in category.test], min_side=detector.image_size)
+    for sample in category.test:
+        start = time.perf_counter()
+        item = next(decoded)
         if isinstance(item, ImageLoadError):
             print(f"warning: skipped test image {item}", file=sys.stderr)
             continue
-        start = time.perf_counter()
         prediction = next(detector.predict_images([item]))
         predict_seconds += time.perf_counter() - start
         scored.append((sample, prediction))
@@ -119,7 +124,7 @@ def _scored_zero_shot(
         else:
             scored.append((sample, outcome))
             if on_sample is not None:
-                on_sample(sample, load_image(sample.path), outcome)
+                on_sample(sample, load_image(sample.path, min_side=detector.image_size), outcome)
     return 0.0, predict_seconds, scored
 
 

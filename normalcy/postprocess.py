@@ -1,38 +1,100 @@
-"""From patch scores to what the user sees: maps at image size, image scores, thresholds."""
+"""From patch scores to what the user sees: maps, image scores, thresholds.
+
+Every map is first drawn at a fixed scale of the patch grid (`MAP_PIXELS_PER_PATCH` pixels per
+backbone patch), where image scores and thresholds are computed; only a caller who asks for a
+map at image size pays for `resize_map`. So a 5-megapixel photo costs what its backbone input
+costs, and its score does not depend on its pixel count. All numerics run in torch on the
+scores' device.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter, grey_closing
 
-# Smoothing is specified at a 256-pixel scale and grows with the image (MVTec practice).
+# Smoothing is specified at a 256-pixel short side and scales with the map (MVTec practice).
 SIGMA_AT_256 = 4.0
 TOP_FRACTION = 0.01
+# The scale of every map before it is resized to an image: 8 pixels per backbone patch keeps
+# bilinear upsampling and the top 1% as they are at image size (a 224 px input gives a
+# 128-pixel short side) at a cost independent of the image.
+MAP_PIXELS_PER_PATCH = 8
+GAUSSIAN_TRUNCATE = 3.0  # kernel radius in sigmas
+
+
+def _as_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values) if not torch.is_tensor(values) else values).float()
+
+
+def gaussian_smooth(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(H, W) smoothed by a separable Gaussian of `sigma` pixels, edges extended (the
+    "nearest" mode of scipy.ndimage.gaussian_filter, same kernel and truncation)."""
+    if sigma <= 0:
+        return image
+    radius = int(GAUSSIAN_TRUNCATE * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(image.device, image.dtype)
+    x = F.pad(image[None, None], (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+    return F.conv2d(x, kernel.view(1, 1, 1, -1))[0, 0]
+
+
+UPSAMPLING = ("bilinear", "bicubic")
 
 
 def anomaly_map(
-    patch_scores: np.ndarray, size: tuple[int, int], sigma: float, dense: bool = False
-) -> np.ndarray:
-    """Patch scores (h, w) upsampled bilinearly to `size` (H, W) and Gaussian-smoothed.
+    patch_scores: np.ndarray | torch.Tensor,
+    size: tuple[int, int],
+    sigma: float,
+    dense: bool = False,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Patch scores (h, w) upsampled to `size` (H, W) and Gaussian-smoothed.
 
-    `sigma` is in pixels at a 256-pixel short side; it is scaled to the image.
+    `sigma` is in pixels at a 256-pixel short side; it is scaled to `size`.
     dense: the scores are a half-stride grid (`Backbone.features(dense=True)`), whose
     outer patch centres lie half a stride inside the image edges instead of tiling it.
+    mode: "bilinear" or "bicubic" (sharper peaks between patch centres, for small defects).
     """
-    grid = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))[None, None]
+    if mode not in UPSAMPLING:
+        raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {mode!r}")
+    grid = _as_tensor(patch_scores)[None, None]
     if dense:
         # The edge rows and columns extended to the image border, where the corners sit.
         grid = F.pad(grid, (1, 1, 1, 1), mode="replicate")
-    full = F.interpolate(grid, size=size, mode="bilinear", align_corners=dense)[0, 0].numpy()
-    if sigma > 0:
-        full = gaussian_filter(full, sigma=sigma * min(size) / 256, mode="nearest", truncate=3.0)
-    return full
+    full = F.interpolate(grid, size=tuple(size), mode=mode, align_corners=dense)[0, 0]
+    return gaussian_smooth(full, sigma * min(size) / 256)
 
 
-def fill_gaps(patch_scores: np.ndarray, width: int) -> np.ndarray:
-    """Grey-level closing over `width` x `width` patches (1: unchanged).
+def plain_grid_size(shape: tuple[int, int], dense: bool) -> tuple[int, int]:
+    """Rows and columns of the plain-stride grid behind a grid of `shape`."""
+    return ((shape[0] + 1) // 2, (shape[1] + 1) // 2) if dense else (shape[0], shape[1])
+
+
+def score_map(
+    patch_scores: np.ndarray | torch.Tensor,
+    sigma: float,
+    dense: bool = False,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """The anomaly map at the fixed scale: `MAP_PIXELS_PER_PATCH` pixels per plain patch."""
+    rows, cols = plain_grid_size(tuple(patch_scores.shape), dense)
+    size = (rows * MAP_PIXELS_PER_PATCH, cols * MAP_PIXELS_PER_PATCH)
+    return anomaly_map(patch_scores, size, sigma, dense, mode)
+
+
+def resize_map(scale_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A map at the fixed scale resized bilinearly to an image of `size` (H, W): float32."""
+    grid = _as_tensor(scale_map)[None, None]
+    if tuple(grid.shape[-2:]) != tuple(size):
+        grid = F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)
+    return grid[0, 0].cpu().numpy()
+
+
+def fill_gaps(patch_scores: torch.Tensor, width: int) -> torch.Tensor:
+    """Grey-level closing over `width` x `width` patches (1: unchanged), edges extended.
 
     A patch scored lower than patches on both sides of it within the window rises toward
     their level, so a broad defect whose inside looks normal patch by patch keeps its area
@@ -42,15 +104,25 @@ def fill_gaps(patch_scores: np.ndarray, width: int) -> np.ndarray:
         raise ValueError(f"gap-filling width must be at least 1 patch, got {width}")
     if width == 1:
         return patch_scores
-    return grey_closing(patch_scores, size=(width, width), mode="nearest")
+    before, after = (width - 1) // 2, width // 2
+    x = torch.as_tensor(patch_scores)
+    x = (x if x.is_floating_point() else x.float())[None, None]
+    # Dilation then erosion; the erosion's window is the dilation's mirrored.
+    dilated = F.max_pool2d(F.pad(x, (before, after, before, after), mode="replicate"), width, 1)
+    eroded = -F.max_pool2d(
+        F.pad(-dilated, (after, before, after, before), mode="replicate"), width, 1
+    )
+    return eroded[0, 0]
 
 
-def image_score(anomaly_map: np.ndarray, top_fraction: float = TOP_FRACTION) -> float:
+def image_score(
+    anomaly_map: np.ndarray | torch.Tensor, top_fraction: float = TOP_FRACTION
+) -> float:
     """Mean of the highest `top_fraction` of the map: robust to a single hot pixel, yet
     sensitive to small defects that a whole-image mean would dilute."""
-    values = anomaly_map.ravel()
-    k = max(1, int(round(values.size * top_fraction)))
-    return float(np.partition(values, values.size - k)[-k:].mean())
+    values = _as_tensor(anomaly_map).flatten()
+    k = max(1, int(round(values.numel() * top_fraction)))
+    return float(values.topk(k).values.double().mean())
 
 
 def threshold_at_fpr(normal_scores: np.ndarray, fpr: float) -> float:

@@ -19,6 +19,7 @@ from normalcy.backbones import (
     half_stride_views,
     interleave,
     native_bfloat16,
+    resolve_device,
     resolve_precision,
 )
 
@@ -112,9 +113,9 @@ def test_features_of_mixed_sizes_come_back_one_grid_per_image_in_order(lite0: Ba
     expected = [(8, 8), (8, 10), (8, 8), (12, 8), (8, 10)]
     assert [g.shape for g in grids] == [(*e, 40 + 112) for e in expected]
     for grid in grids:
-        assert grid.dtype == np.float32 and grid.flags.c_contiguous
+        assert grid.dtype == torch.float32 and grid.is_contiguous()
     for image, grid in zip(images, grids, strict=True):  # each matches the image on its own
-        np.testing.assert_allclose(lite0.features([image])[0], grid, atol=1e-4)
+        np.testing.assert_allclose(lite0.features([image])[0].numpy(), grid.numpy(), atol=1e-4)
 
 
 def test_dense_features_hold_the_plain_grid_on_even_rows_and_columns() -> None:
@@ -122,9 +123,22 @@ def test_dense_features_hold_the_plain_grid_on_even_rows_and_columns() -> None:
     image = _image(80, 96)
     (plain,) = backbone.features([image])
     (dense,) = backbone.features([image], dense=True)
+    plain, dense = plain.numpy(), dense.numpy()
     assert dense.shape == (2 * plain.shape[0] - 1, 2 * plain.shape[1] - 1, plain.shape[2])
     np.testing.assert_allclose(dense[::2, ::2], plain, atol=1e-5)
     assert not np.allclose(dense[1::2, ::2], plain[:-1], atol=1e-3)  # shifted views differ
+
+
+def test_features_are_torch_tensors_on_the_backbone_device(lite0: Backbone) -> None:
+    assert lite0.device == torch.device("cpu")
+    images = [_image(64, 64), _image(80, 96, seed=1)]
+    for dense in (False, True):
+        grids = lite0.features(images, dense=dense)
+        assert len(grids) == len(images)
+        for grid in grids:
+            assert isinstance(grid, torch.Tensor)
+            assert grid.device == lite0.device and grid.dtype == torch.float32
+            assert grid.ndim == 3
 
 
 def test_half_stride_views_move_the_image_up_and_left() -> None:
@@ -154,12 +168,12 @@ def test_interleave_places_each_view_at_its_half_stride_offset() -> None:
 
 def test_features_of_different_images_differ(lite0: Backbone) -> None:
     first, second = lite0.features([_image(64, 64, seed=1), _image(64, 64, seed=2)])
-    assert not np.allclose(first, second, atol=1e-3)
+    assert not np.allclose(first.numpy(), second.numpy(), atol=1e-3)
 
 
 def test_every_feature_vector_has_norm_sqrt_of_the_layer_count(lite0: Backbone) -> None:
     (grid,) = lite0.features([_image(80, 96)])
-    np.testing.assert_allclose(np.linalg.norm(grid, axis=-1), np.sqrt(2), rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(grid.numpy(), axis=-1), np.sqrt(2), rtol=1e-5)
 
 
 def test_bfloat16_features_are_float32_and_close_to_the_float32_ones() -> None:
@@ -167,7 +181,8 @@ def test_bfloat16_features_are_float32_and_close_to_the_float32_ones() -> None:
     exact = create_backbone("efficientnet_lite0", 64).features(images)
     fast = create_backbone("efficientnet_lite0", 64, precision="bfloat16").features(images)
     for a, b in zip(exact, fast, strict=True):
-        assert b.dtype == np.float32 and b.shape == a.shape
+        assert b.dtype == torch.float32 and b.shape == a.shape
+        a, b = a.numpy(), b.numpy()
         cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
         assert cosine.min() > 0.99
         assert not np.array_equal(a, b)  # the lower precision was really used
@@ -187,6 +202,50 @@ def test_an_unknown_precision_is_refused_with_the_choices() -> None:
         Backbone(
             "fake", _Pyramid(), stride=16, image_size=64, pool=1, layers=(0,), precision="auto"
         )
+
+
+def test_auto_precision_for_cuda_needs_no_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto", "cuda") in ("float32", "bfloat16")
+    for supported, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, _s=supported, **k: _s)
+        assert resolve_precision("auto", "cuda") == expected
+        assert resolve_precision("auto", torch.device("cuda", 0)) == expected
+    assert resolve_precision("float32", "cuda") == "float32"
+    assert resolve_precision("bfloat16", "cuda") == "bfloat16"
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or torch.backends.mps.is_available(),
+    reason="auto picks the accelerator here",
+)
+def test_auto_device_is_the_cpu_without_an_accelerator() -> None:
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device() == torch.device("cpu")
+
+
+def test_the_cpu_device_is_the_cpu() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert create_backbone("efficientnet_lite0", 64, device="cpu").device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["tpu", "cpu:1", "auto:0", "gpu"])
+def test_an_unknown_device_is_refused_with_the_choices(name: str) -> None:
+    with pytest.raises(ValueError, match=r"auto.*cpu.*cuda.*mps.*" + name):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:0"])
+def test_cuda_without_a_cuda_device_is_refused_with_the_reason(name: str) -> None:
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_device(name)
+    with pytest.raises(ValueError, match="CUDA"):
+        create_backbone("efficientnet_lite0", 64, device=name)
 
 
 def test_custom_layers_and_pooling() -> None:

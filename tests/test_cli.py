@@ -55,7 +55,7 @@ def test_fit_writes_a_model_directory(model: Path) -> None:
     assert config["backbone"]["image_size"] == 64
     assert config["n_train"] == 12 and config["threshold"] is not None
     assert config["backbone"]["context"] == 1.0  # the patch kNN default
-    assert config["dense_map"] is True  # the default
+    assert config["dense_map"] is False  # the default
 
 
 def test_fit_reports_where_it_saved(
@@ -73,7 +73,7 @@ def test_fit_reports_where_it_saved(
     ("option", "keys", "expected"),
     [
         (["--context", "0.5"], ["backbone", "context"], 0.5),
-        (["--no-dense-map"], ["dense_map"], False),
+        (["--dense-map"], ["dense_map"], True),
         (["--closing", "5"], ["closing"], 5),
         (["--precision", "float32"], ["backbone", "precision"], "float32"),
     ],
@@ -165,6 +165,41 @@ def test_predict_threshold_override(
     assert main(["predict", str(model), *map(str, images), "--json", "--threshold", "0"]) == 0
     rows = json.loads(capsys.readouterr().out)["results"]
     assert all(r["is_anomalous"] is True and r["threshold"] == 0.0 for r in rows)
+
+
+def test_predict_dense_map_and_device_options_change_maps_only(
+    model: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = list(map(str, _test_images(dataset)[:2]))
+    documents = []
+    for options in ([], ["--dense-map", "--device", "cpu"]):
+        out = tmp_path / f"out{len(documents)}"
+        argv = ["--threads", "1", "predict", str(model), *images, "-o", str(out), "--maps"]
+        assert main([*argv, *options]) == 0
+        documents.append(json.loads((out / "results.json").read_text())["results"])
+        maps = [np.load(out / row["files"]["map"]) for row in documents[-1]]
+        documents[-1] = ([row["score"] for row in documents[-1]], maps)
+    (plain_scores, plain_maps), (dense_scores, dense_maps) = documents
+    np.testing.assert_allclose(dense_scores, plain_scores, rtol=1e-5)
+    assert not np.allclose(dense_maps[0], plain_maps[0])
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "message"),
+    [([], ["--device", "tpu"], "device must be one of"), (["--threads", "0"], [], "--threads")],
+)
+def test_predict_refuses_a_bad_device_or_thread_count_with_exit_2(
+    model: Path,
+    dataset: Path,
+    capsys: pytest.CaptureFixture[str],
+    before: list[str],
+    after: list[str],
+    message: str,
+) -> None:
+    image = str(_test_images(dataset)[0])
+    assert main([*before, "predict", str(model), image, *after]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_predict_with_a_missing_model_exits_2(

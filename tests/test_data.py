@@ -14,14 +14,19 @@ from normalcy import data
 from normalcy.data import (
     IMAGE_EXTENSIONS,
     ImageLoadError,
+    ImageTooLargeError,
     LoadedImage,
     expand_inputs,
     few_shot_references,
     find_categories,
     list_images,
     load_image,
+    load_image_bytes,
+    load_image_bytes_with_size,
+    load_image_with_size,
     load_many,
     load_mask,
+    reduction_factor,
     source_name,
 )
 
@@ -395,6 +400,186 @@ def test_source_name(tmp_path: Path) -> None:
     assert source_name("rel/x.png", 3) == "rel/x.png"
     assert source_name(np.zeros((1, 1)), 3) == "<image 3>"
     assert source_name(Image.new("RGB", (1, 1)), 0) == "<image 0>"
+
+
+# --- reduced decoding for a consumer that needs far fewer pixels (min_side) ----------------------
+
+
+def _smooth(h: int, w: int) -> np.ndarray:
+    """A smooth colour image: JPEG keeps it well and box-downscaling barely changes it."""
+    y, x = np.mgrid[0:h, 0:w]
+    red = 128 + 100 * np.sin(x / 40)
+    green = 128 + 100 * np.cos(y / 30)
+    blue = (x + y) * 255 / (h + w)
+    return np.stack([red, green, blue], axis=-1).astype(np.uint8)
+
+
+def _box(image: np.ndarray, factor: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).reduce(factor))
+
+
+def _mean_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(int) - b.astype(int)).mean())
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "min_side", "factor"),
+    [
+        (800, 1000, 100, 4),
+        (1000, 800, 100, 4),
+        (799, 1000, 100, 3),
+        (1200, 1600, 100, 6),
+        (399, 399, 200, 1),  # short side under 2 * min_side: no reduction
+        (10, 10, 100, 1),
+        (4000, 3000, None, 1),
+    ],
+)
+def test_reduction_factor_keeps_twice_min_side(
+    height: int, width: int, min_side: int | None, factor: int
+) -> None:
+    assert reduction_factor(height, width, min_side) == factor
+    if min_side is not None and factor > 1:
+        assert min(height, width) // factor >= 2 * min_side
+
+
+def test_min_side_must_be_positive(tmp_path: Path) -> None:
+    path = _save(Image.fromarray(_rgb(4, 4)), tmp_path / "a.png")
+    with pytest.raises(ValueError, match="min_side"):
+        reduction_factor(10, 10, 0)
+    with pytest.raises(ValueError, match="min_side"):
+        load_image(path, min_side=0)
+    with pytest.raises(ValueError, match="min_side"):
+        load_image_bytes(path.read_bytes(), "a.png", min_side=-1)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_min_side_none_changes_nothing(tmp_path: Path, suffix: str) -> None:
+    path = _save(Image.fromarray(_smooth(600, 500)), tmp_path / f"big{suffix}")
+    with Image.open(path) as image:
+        full = np.asarray(image.convert("RGB"))
+    for out in (
+        load_image(path),
+        load_image(path, min_side=None),
+        load_image_bytes(path.read_bytes(), "big", min_side=None),
+        load_image_with_size(path)[0],
+    ):
+        assert out.flags.c_contiguous and out.flags.writeable
+        np.testing.assert_array_equal(out, full)
+    assert load_image_with_size(path)[1] == (600, 500)
+
+
+def test_large_png_is_box_reduced_and_reports_its_original_size(tmp_path: Path) -> None:
+    pixels = _smooth(800, 1000)
+    path = _save(Image.fromarray(pixels), tmp_path / "large.png")
+    out, size = load_image_with_size(path, min_side=100)
+    assert size == (800, 1000)
+    assert out.shape == (200, 250, 3) and out.dtype == np.uint8  # 800 // 200 = 4
+    assert out.flags.c_contiguous and out.flags.writeable
+    np.testing.assert_array_equal(out, _box(pixels, 4))
+    bytes_out, bytes_size = load_image_bytes_with_size(path.read_bytes(), "x", min_side=100)
+    np.testing.assert_array_equal(bytes_out, out)
+    assert bytes_size == size
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path: Path) -> None:
+    path = _save(Image.fromarray(_smooth(1200, 1600)), tmp_path / "large.jpg")
+    out, size = load_image_with_size(path, min_side=100)
+    assert size == (1200, 1600)
+    # reduction_factor is 6; the JPEG decoder scales by 1/4 (the largest power of two <= 6),
+    # giving a short side of 300, which needs no further box filter (300 < 4 * 100). A box
+    # filter alone would have given 1200 // 6 = 200.
+    assert out.shape == (300, 400, 3) and out.dtype == np.uint8
+    assert 2 * 100 <= min(out.shape[:2]) < 4 * 100
+    assert _mean_abs_difference(out, _box(load_image(path), 4)) < 2.0
+
+
+def test_jpeg_draft_then_box_filter_for_the_remaining_factor(tmp_path: Path) -> None:
+    # reduction_factor 1600 // 40 = 40: the decoder scales by 1/8 (200 x 250), then the
+    # remaining factor 200 // 40 = 5 is box-filtered.
+    path = _save(Image.fromarray(_smooth(1600, 2000)), tmp_path / "huge.jpg")
+    out, size = load_image_with_size(path, min_side=20)
+    assert size == (1600, 2000)
+    assert out.shape == (40, 50, 3)
+    expected = _box(_box(load_image(path), 8), 5)
+    assert _mean_abs_difference(out, expected) < 2.0
+
+
+@pytest.mark.parametrize(
+    ("mode", "suffix"), [("L", ".png"), ("L", ".jpg"), ("CMYK", ".jpg"), ("RGBA", ".png")]
+)
+def test_reduced_images_stay_uint8_rgb_in_every_mode(
+    tmp_path: Path, mode: str, suffix: str
+) -> None:
+    path = _save(Image.fromarray(_smooth(800, 800)).convert(mode), tmp_path / f"img{suffix}")
+    out, size = load_image_with_size(path, min_side=100)
+    assert size == (800, 800)
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+    assert 200 <= out.shape[0] < 400 and out.shape[0] == out.shape[1]
+    assert _mean_abs_difference(out, _box(load_image(path), 800 // out.shape[0])) < 2.0
+    if mode == "L":
+        assert (out == out[..., :1]).all()  # still grey
+
+
+def test_small_image_is_returned_at_full_size(tmp_path: Path) -> None:
+    pixels = _rgb(199, 300)  # short side under 2 * 100
+    path = _save(Image.fromarray(pixels), tmp_path / "small.png")
+    out, size = load_image_with_size(path, min_side=100)
+    assert size == (199, 300)
+    np.testing.assert_array_equal(out, pixels)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_pixel_limit_uses_the_original_size_with_min_side(tmp_path: Path, suffix: str) -> None:
+    path = _save(Image.fromarray(_smooth(800, 1000)), tmp_path / f"big{suffix}")
+    with pytest.raises(ImageTooLargeError, match="1000x800"):
+        load_image(path, max_pixels=800 * 1000 - 1, min_side=100)
+    with pytest.raises(ImageTooLargeError):
+        load_image_bytes(path.read_bytes(), "big", max_pixels=800 * 1000 - 1, min_side=100)
+    (result,) = load_many([path], max_pixels=800 * 1000 - 1, min_side=100)
+    assert isinstance(result, ImageTooLargeError)
+    assert load_image(path, max_pixels=800 * 1000, min_side=100).shape[:2] == (200, 250)
+
+
+def test_arrays_and_pil_images_are_reduced_too() -> None:
+    pixels = _smooth(800, 1000)
+    for source in (pixels, Image.fromarray(pixels)):
+        out, size = load_image_with_size(source, min_side=100)
+        assert size == (800, 1000)
+        np.testing.assert_array_equal(out, _box(pixels, 4))
+    gray16 = (_smooth(800, 1000)[..., 0].astype(np.uint16) * 257).astype(np.uint16)
+    out = load_image(gray16, min_side=100)
+    assert out.shape == (200, 250, 3)
+    np.testing.assert_array_equal(out[..., 0], _box(pixels[..., 0], 4))
+
+
+def test_pil_image_given_by_the_caller_is_not_drafted(tmp_path: Path) -> None:
+    path = _save(Image.fromarray(_smooth(1200, 1600)), tmp_path / "large.jpg")
+    with Image.open(path) as image:
+        out, size = load_image_with_size(image, min_side=100)
+        assert image.size == (1600, 1200)
+    assert size == (1200, 1600) and out.shape == (200, 267, 3)  # box filter by 6 only
+
+
+def test_load_many_with_min_side_keeps_the_original_size(tmp_path: Path) -> None:
+    png = _save(Image.fromarray(_smooth(800, 1000)), tmp_path / "a.png")
+    jpg = _save(Image.fromarray(_smooth(1200, 1600)), tmp_path / "b.jpg")
+    small = np.zeros((10, 12), np.uint8)
+    results = list(load_many([png, jpg, small, tmp_path / "missing.png"], min_side=100))
+    assert all(isinstance(r, LoadedImage) for r in results[:3])
+    assert [r.size for r in results[:3]] == [(800, 1000), (1200, 1600), (10, 12)]
+    assert [r.image.shape for r in results[:3]] == [(200, 250, 3), (300, 400, 3), (10, 12, 3)]
+    assert isinstance(results[3], ImageLoadError)
+    without = list(load_many([png]))[0]
+    assert isinstance(without, LoadedImage) and without.size == without.image.shape[:2]
+
+
+def test_loaded_image_size_defaults_to_the_image_shape() -> None:
+    image = np.zeros((5, 7, 3), np.uint8)
+    loaded = LoadedImage("a", image)
+    assert loaded.size == (5, 7) and loaded.image is image
+    assert LoadedImage("b", image, (50, 70)).size == (50, 70)
+    with pytest.raises(AttributeError):
+        loaded.size = (1, 1)  # type: ignore[misc]
 
 
 # --- list_images and expand_inputs ---------------------------------------------------------------

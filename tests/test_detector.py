@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from normalcy import Detector, Prediction
+from normalcy import Detector, Prediction, pipeline
 from normalcy.data import ImageLoadError
 from normalcy.detector import MODEL_FORMAT_VERSION, augmentations, choose_setting
 
@@ -337,26 +337,30 @@ def test_a_model_saved_before_the_context_option_loads_without_it(
     )
 
 
-def test_the_default_dense_map_keeps_the_plain_scores_and_thresholds_and_finds_the_defect(
+def test_the_dense_map_is_off_by_default_and_changes_maps_only_never_the_fit(
     fitted: Detector, data: dict[str, list[Path]], tmp_path: Path
 ) -> None:
-    assert fitted.dense_map  # the default
-    plain = Detector(**OPTIONS, dense_map=False).fit(data["train"])
+    assert not fitted.dense_map  # the default
+    dense = Detector(**OPTIONS, dense_map=True).fit(data["train"])
+    np.testing.assert_array_equal(dense.method_.memory_bank_, fitted.method_.memory_bank_)
+    assert dense.threshold_ == fitted.threshold_
+    assert dense.pixel_threshold_ == fitted.pixel_threshold_
     inputs = data["good"] + data["bad"]
     np.testing.assert_allclose(
-        _scores(fitted.predict(inputs)), _scores(plain.predict(inputs)), rtol=1e-5
+        _scores(dense.predict(inputs)), _scores(fitted.predict(inputs)), rtol=1e-5
     )
-    assert fitted.threshold_ == pytest.approx(plain.threshold_, rel=1e-5)
     image, (top, left) = anomalous_image(0)
-    prediction = fitted.predict(image)
+    prediction = dense.predict(image)
     assert prediction.anomaly_map.shape == (HEIGHT, WIDTH)
     row, col = np.unravel_index(np.argmax(prediction.anomaly_map), (HEIGHT, WIDTH))
     assert top - 12 <= row < top + SQUARE + 12 and left - 12 <= col < left + SQUARE + 12
-    assert not np.allclose(prediction.anomaly_map, plain.predict(image).anomaly_map)
-    loaded = Detector.load(plain.save(tmp_path / "plain-model"))
-    assert not loaded.dense_map
-    np.testing.assert_array_equal(
-        loaded.predict(image).anomaly_map, plain.predict(image).anomaly_map
+    assert not np.allclose(prediction.anomaly_map, fitted.predict(image).anomaly_map)
+    loaded = Detector.load(dense.save(tmp_path / "dense-model"))
+    assert loaded.dense_map
+    np.testing.assert_array_equal(loaded.predict(image).anomaly_map, prediction.anomaly_map)
+    loaded.dense_map = False  # switched on a fitted model: the plain map, no refit
+    np.testing.assert_allclose(
+        loaded.predict(image).anomaly_map, fitted.predict(image).anomaly_map, rtol=1e-5
     )
 
 
@@ -366,9 +370,12 @@ def test_a_dense_map_works_for_every_fitted_method_and_few_shot(
     image, _ = anomalous_image(1)
     for options in ({"method": "gaussian"}, {"method": "patchknn+gaussian"}, {"shots": 2}):
         detector = Detector(**OPTIONS, **options).fit(data["train"])
-        plain = Detector(**OPTIONS, **options, dense_map=False).fit(data["train"])
-        assert detector.predict(image).score == pytest.approx(plain.predict(image).score)
-        assert detector.predict(image).anomaly_map.shape == (HEIGHT, WIDTH)
+        plain = detector.predict(image)
+        detector.dense_map = True
+        dense = detector.predict(image)
+        assert dense.score == pytest.approx(plain.score, rel=1e-5)
+        assert dense.anomaly_map.shape == (HEIGHT, WIDTH)
+        assert not np.allclose(dense.anomaly_map, plain.anomaly_map)
         assert detector.pixel_threshold_ is not None
 
 
@@ -383,7 +390,8 @@ def test_a_model_saved_before_the_dense_map_option_loads_without_it(
 
 
 def _assert_filled_maps_only(filled: list[Prediction], plain: list[Prediction]) -> None:
-    """Same image scores; every map at or above the unfilled one, and some raised."""
+    """Same image scores; every map at or above the unfilled one, and some raised (on
+    bilinear maps: bicubic upsampling's negative lobes may dip a filled map slightly)."""
     np.testing.assert_array_equal(_scores(filled), _scores(plain))
     pairs = list(zip(filled, plain, strict=True))
     assert all((a.anomaly_map >= b.anomaly_map - 1e-5).all() for a, b in pairs)
@@ -394,16 +402,44 @@ def test_filling_gaps_changes_maps_only_never_scores_or_thresholds(
     fitted: Detector, data: dict[str, list[Path]], tmp_path: Path
 ) -> None:
     assert fitted.closing == 3  # the default
-    unfilled = Detector(**OPTIONS, closing=1).fit(data["train"])
+    unfilled = Detector(**OPTIONS, closing=1, upsample="bilinear").fit(data["train"])
+    filling = Detector(**OPTIONS, upsample="bilinear").fit(data["train"])
     inputs = data["good"] + data["bad"]
-    filled, plain = fitted.predict(inputs), unfilled.predict(inputs)
+    filled, plain = filling.predict(inputs), unfilled.predict(inputs)
     _assert_filled_maps_only(filled, plain)
-    assert fitted.threshold_ == unfilled.threshold_
+    assert filling.threshold_ == unfilled.threshold_ == fitted.threshold_
     loaded = Detector.load(unfilled.save(tmp_path / "unfilled"))
     assert loaded.closing == 1
     np.testing.assert_allclose(
         loaded.predict(inputs[0]).anomaly_map, plain[0].anomaly_map, rtol=1e-4, atol=1e-5
     )
+
+
+def test_bicubic_maps_are_the_default_change_maps_only_and_are_saved(
+    fitted: Detector, data: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    assert fitted.upsample == "bicubic"
+    bilinear = Detector(**OPTIONS, upsample="bilinear").fit(data["train"])
+    assert bilinear.threshold_ == fitted.threshold_
+    image, (top, left) = anomalous_image(3)
+    sharp, soft = fitted.predict(image), bilinear.predict(image)
+    assert sharp.score == soft.score and sharp.is_anomalous == soft.is_anomalous
+    assert not np.allclose(sharp.anomaly_map, soft.anomaly_map)
+    row, col = np.unravel_index(np.argmax(sharp.anomaly_map), (HEIGHT, WIDTH))
+    assert top - 12 <= row < top + SQUARE + 12 and left - 12 <= col < left + SQUARE + 12
+    assert Detector.load(bilinear.save(tmp_path / "m")).upsample == "bilinear"
+    with pytest.raises(ValueError, match="upsample"):
+        Detector(upsample="nearest")
+
+
+def test_a_model_saved_before_upsampling_choices_loads_bilinear(
+    saved: Path, tmp_path: Path
+) -> None:
+    model = _copy_model(saved, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    del config["upsample"]
+    (model / "config.json").write_text(json.dumps(config))
+    assert Detector.load(model).upsample == "bilinear"
 
 
 def test_a_model_saved_before_gap_filling_loads_without_it(saved: Path, tmp_path: Path) -> None:
@@ -625,8 +661,8 @@ def test_zero_shot_maps_are_gap_filled_and_its_scores_are_not(
     data: dict[str, list[Path]],
 ) -> None:
     batch = data["train"][:8] + data["bad"][:2]
-    filled = Detector(method="mutual", **OPTIONS).zero_shot(batch)
-    plain = Detector(method="mutual", closing=1, **OPTIONS).zero_shot(batch)
+    filled = Detector(method="mutual", upsample="bilinear", **OPTIONS).zero_shot(batch)
+    plain = Detector(method="mutual", closing=1, upsample="bilinear", **OPTIONS).zero_shot(batch)
     _assert_filled_maps_only(filled, plain)  # type: ignore[arg-type]
 
 
@@ -673,3 +709,88 @@ def test_setting_is_chosen_from_the_number_of_normal_images(
 def test_no_normal_images_points_to_zero_shot() -> None:
     with pytest.raises(ValueError, match="--zero-shot"):
         choose_setting(0)
+
+
+# --- one lean predict path -----------------------------------------------------------------------
+
+# Threshold and scores (5 normal, then 5 anomalous test images) from the predict path before
+# the lean pipeline (commit b853c59: maps and image scores at full image size), float32.
+BEFORE = {
+    "patchknn": (
+        0.62704,
+        [0.66378, 0.60787, 0.6741, 0.62077, 0.595] + [2.21617, 2.22798, 2.2876, 2.29873, 2.10878],
+    ),
+    "gaussian": (
+        15.85252,
+        [14.51775, 13.42023, 14.13557, 13.64953, 12.13102]
+        + [84.99882, 84.05561, 80.44372, 69.92724, 69.27593],
+    ),
+    "patchknn+gaussian": (
+        0.62704,
+        [0.66378, 0.60787, 0.6741, 0.62077, 0.595] + [2.21617, 2.22798, 2.2876, 2.29873, 2.10878],
+    ),
+    "3-shot": (
+        0.66554,
+        [0.65265, 0.62127, 0.7216, 0.56926, 0.62096]
+        + [2.21085, 2.20872, 2.25675, 2.30065, 2.13514],
+    ),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(BEFORE))
+def test_scores_thresholds_and_decisions_are_those_of_the_full_size_path_before(
+    setting: str,
+) -> None:
+    train = [normal_image(i) for i in range(20)]
+    test = [normal_image(100 + i) for i in range(5)] + [anomalous_image(i)[0] for i in range(5)]
+    options = {"shots": 3} if setting == "3-shot" else {"method": setting}
+    detector = Detector(**OPTIONS, **options, precision="float32").fit(train)
+    threshold, scores = BEFORE[setting]
+    found = detector.predict(test)
+    assert detector.threshold_ == pytest.approx(threshold, rel=1e-3)
+    np.testing.assert_allclose([p.score for p in found], scores, rtol=1e-3)
+    assert [p.is_anomalous for p in found] == [s > threshold for s in scores]
+
+
+def test_maps_are_made_only_when_read(
+    fitted: Detector, data: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[tuple[int, int]] = []
+    resize = pipeline.resize_map
+    monkeypatch.setattr(
+        pipeline, "resize_map", lambda m, size: made.append(size) or resize(m, size)
+    )
+    predictions = fitted.predict(data["bad"])
+    assert all(p.is_anomalous for p in predictions) and not made
+    assert predictions[0].mask is not None and predictions[0].mask.any()
+    assert made == [(HEIGHT, WIDTH)]  # once, for the mask and the map it is drawn from
+    assert predictions[0].anomaly_map.shape == (HEIGHT, WIDTH) and len(made) == 1
+
+
+def test_a_large_image_is_decoded_reduced_and_scored_like_its_small_version(
+    fitted: Detector, tmp_path: Path
+) -> None:
+    image, _ = anomalous_image(2)
+    large = np.asarray(Image.fromarray(image).resize((WIDTH * 8, HEIGHT * 8), Image.BILINEAR))
+    path = tmp_path / "large.png"
+    Image.fromarray(large).save(path)
+    prediction = fitted.predict(path)
+    assert prediction.image_size == (HEIGHT * 8, WIDTH * 8)
+    assert prediction.anomaly_map.shape == (HEIGHT * 8, WIDTH * 8)
+    assert prediction.score == pytest.approx(fitted.predict(image).score, rel=0.05)
+
+
+def test_an_unknown_or_absent_device_is_refused_before_fitting() -> None:
+    with pytest.raises(ValueError, match="device must be one of"):
+        Detector(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            Detector(device="cuda")
+
+
+def test_a_saved_model_loads_on_the_cpu_and_scores_the_same(
+    fitted: Detector, saved: Path, data: dict[str, list[Path]]
+) -> None:
+    loaded = Detector.load(saved, device="cpu")
+    assert loaded.backbone_.device.type == "cpu"
+    np.testing.assert_allclose(loaded.score(data["bad"]), fitted.score(data["bad"]), rtol=1e-6)

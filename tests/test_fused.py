@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from normalcy.methods import create_method, method_from_state
 from normalcy.methods.fused import KNNGaussianFusion
@@ -32,7 +33,7 @@ def test_parts_are_the_knn_and_gaussian_scores_of_the_same_patches() -> None:
     gaussian = GaussianScorer().fit(train)
     query = _grids(1, seed=2)[0]
     parts = fusion.parts(query)
-    assert parts.shape == (2, 6, 7)
+    assert parts.shape == (2, 6, 7) and parts.dtype == torch.float32
     np.testing.assert_allclose(parts[0], knn.score(query), rtol=1e-5)
     np.testing.assert_allclose(parts[1], gaussian.score(query), rtol=1e-5)
 
@@ -41,12 +42,12 @@ def test_calibrated_parts_have_zero_mean_and_unit_spread_on_the_normal_images() 
     fusion = KNNGaussianFusion(coreset_ratio=1.0).fit(_grids(20, seed=0))
     normal = [fusion.parts(g) for g in _grids(5, seed=1)]
     fusion.calibrate(normal)
-    values = np.concatenate([p.reshape(2, -1) for p in normal], axis=1)
+    values = np.concatenate([p.numpy().reshape(2, -1) for p in normal], axis=1)
     standardised = (values - fusion.part_mean_[:, None]) / fusion.part_std_[:, None]
     np.testing.assert_allclose(standardised.mean(axis=1), 0, atol=1e-6)
     np.testing.assert_allclose(standardised.std(axis=1), 1, rtol=1e-6)
     expected = standardised.mean(axis=0)
-    combined = np.concatenate([fusion.combine(p).ravel() for p in normal])
+    combined = np.concatenate([fusion.combine(p).numpy().ravel() for p in normal])
     np.testing.assert_allclose(combined, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -54,7 +55,7 @@ def test_a_planted_patch_scores_highest() -> None:
     fusion = _fitted()
     query = _grids(1, seed=3)[0]
     query[2, 4] += 6.0
-    scores = fusion.score(query)
+    scores = fusion.score(query).numpy()
     assert np.unravel_index(scores.argmax(), scores.shape) == (2, 4)
     assert scores[2, 4] > np.delete(scores.ravel(), 2 * 7 + 4).max() + 1
 
@@ -72,6 +73,23 @@ def test_save_state_round_trip_gives_the_same_scores() -> None:
     query = _grids(1, seed=5, channels=2 * DIM)[0]
     np.testing.assert_allclose(restored.score(query), fusion.score(query), rtol=1e-6)
     assert restored.get_params() == fusion.get_params()
+
+
+def test_score_held_out_calibrates_on_the_held_out_grids_then_scores_them() -> None:
+    train, held_out = _grids(20, seed=0), _grids(5, seed=1)
+    fusion = KNNGaussianFusion(coreset_ratio=1.0).fit(train)
+    results = fusion.score_held_out(held_out)
+    reference = _fitted()  # calibrated on the same held-out grids
+    np.testing.assert_allclose(fusion.part_mean_, reference.part_mean_, rtol=1e-6)
+    np.testing.assert_allclose(fusion.part_std_, reference.part_std_, rtol=1e-6)
+    assert len(results) == len(held_out)
+    for grid, result in zip(held_out, results, strict=True):
+        np.testing.assert_allclose(result.patches.numpy(), fusion.score(grid).numpy(), rtol=1e-6)
+        # the image is ranked by the kNN part alone
+        np.testing.assert_allclose(result.ranking.numpy(), fusion.parts(grid)[0].numpy())
+    query = _grids(1, seed=3)[0]
+    (batch,) = fusion.score_batch([query])
+    np.testing.assert_allclose(batch.patches.numpy(), fusion.score(query).numpy(), rtol=1e-6)
 
 
 def test_misuse_gives_clear_errors() -> None:

@@ -66,7 +66,7 @@ def test_planted_patch_and_shifted_image_score_higher() -> None:
     normal = _grids(1, cov, seed=7)[0]
     planted = normal.copy()
     planted[2, 3] += 8 * np.linalg.eigh(cov)[1][:, 0]  # along the least-varying direction
-    scores = scorer.score(planted)
+    scores = scorer.score(planted).numpy()
     others = np.delete(scores.ravel(), 2 * 6 + 3)
     assert scores[2, 3] > 2 * others.max()
     shifted = normal + 2 * np.linalg.eigh(cov)[1][:, 0]

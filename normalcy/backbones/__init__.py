@@ -32,14 +32,16 @@ __all__ = [
     "aggregate",
     "create_backbone",
     "default_layers",
+    "resolve_device",
     "resolve_precision",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# "auto": bfloat16 where the CPU multiplies it in hardware, else float32.
+# "auto": bfloat16 where the device multiplies it in hardware, else float32.
 PRECISIONS = ("auto", "float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def native_bfloat16() -> bool:
@@ -49,14 +51,45 @@ def native_bfloat16() -> bool:
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
     """The arithmetic to run, "float32" or "bfloat16", for a requested precision; "auto"
-    is decided for this CPU."""
+    is decided for the device: bfloat16 on CPUs with bfloat16 instructions and on CUDA
+    devices that support it, float32 elsewhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
+    if precision != "auto":
+        return precision
+    kind = torch.device(device).type
+    if kind == "cpu":
         return "bfloat16" if native_bfloat16() else "float32"
-    return precision
+    if kind == "cuda":
+        # Only where bfloat16 runs in hardware (Ampere and later), not emulated.
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bfloat16" if native else "float32"
+    return "float32"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device for a requested one: "auto" takes CUDA, then Apple's MPS, then the
+    CPU; a device that is named but absent is refused with the reason."""
+    name = str(device)
+    kind = name.split(":")[0]
+    if kind not in DEVICES or (":" in name and kind in ("auto", "cpu")):
+        raise ValueError(f"device must be one of {DEVICES} (or cuda:N), got {name!r}")
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device cuda was asked for, but this torch sees no CUDA device "
+            f"(torch {torch.__version__}); use --device cpu or a CUDA build of torch"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device mps was asked for, but this machine has no usable MPS device")
+    return torch.device(name)
 
 
 class Backbone(nn.Module):
@@ -103,9 +136,15 @@ class Backbone(nn.Module):
             for side in (height, width)
         )
 
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """(3, H, W) float tensor in [0, 1], resized to the network input size."""
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        """(3, H, W) float tensor in [0, 1] on the backbone's device, resized to the network
+        input size (the uint8 image crosses to the device before it is resized)."""
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
+        tensor = pixels.permute(2, 0, 1)[None].float()
         size = self.input_size(*image.shape[:2])
         resized = F.interpolate(tensor / 255.0, size=size, mode="bilinear", antialias=True)
         return resized[0].clamp_(0, 1)
@@ -113,31 +152,41 @@ class Backbone(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """Feature grids (B, C_l, h_l, w_l) of each layer for a (B, 3, H, W) batch in [0, 1]."""
-        with torch.autocast("cpu", torch.bfloat16, enabled=self.precision == "bfloat16"):
+        bfloat16 = self.precision == "bfloat16"
+        with torch.autocast(batch.device.type, torch.bfloat16, enabled=bfloat16):
             maps = self.network((batch - self.mean) / self.std)
         return [grid.float() for grid in maps]
 
-    def features(self, images: list[np.ndarray], dense: bool = False) -> list[np.ndarray]:
-        """One (h, w, C) float32 feature grid per uint8 RGB image; same-size images share a
-        forward pass.
+    @torch.inference_mode()
+    def features(
+        self, images: list[np.ndarray], dense: bool = False, batch_size: int | None = None
+    ) -> list[torch.Tensor]:
+        """One (h, w, C) float32 feature grid per uint8 RGB image, on the backbone's device;
+        images of the same input size share forward passes of at most `batch_size` images
+        (None: all of them), so a list of mixed sizes is batched by size (bucketing).
 
         dense: also run the image shifted by half a stride down, right and both, and
         interleave the four grids into one (2h - 1, 2w - 1) grid at half the stride; its
         even rows and columns are the plain grid. The image context of every patch is taken
         from the plain grid's median patch.
         """
-        out: list[np.ndarray | None] = [None] * len(images)
+        out: list[torch.Tensor | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
             groups.setdefault(self.input_size(*image.shape[:2]), []).append(index)
-        for indices in groups.values():
+        chunks = [
+            group[start : start + (batch_size or len(group))]
+            for group in groups.values()
+            for start in range(0, len(group), batch_size or len(group))
+        ]
+        for indices in chunks:
             batch = torch.stack([self.preprocess(images[i]) for i in indices])
             views = half_stride_views(batch, self.stride // 2) if dense else batch
             grids = aggregate(self(views), self.pool, self.context, len(views) // len(batch))
             if dense:
                 grids = interleave(grids)
-            for i, grid in zip(indices, grids.permute(0, 2, 3, 1).numpy(), strict=True):
-                out[i] = np.ascontiguousarray(grid)
+            for i, grid in zip(indices, grids.permute(0, 2, 3, 1), strict=True):
+                out[i] = grid.contiguous()
         return out  # type: ignore[return-value]
 
 
@@ -304,13 +353,14 @@ def create_backbone(
     weights: str | os.PathLike | None = None,
     context: float = 0.0,
     precision: str = "float32",
+    device: str | torch.device = "cpu",
 ) -> Backbone:
-    """A ready, frozen backbone; weights resolved as described in `weights.py`;
-    precision may be "auto" (see `resolve_precision`)."""
+    """A ready, frozen backbone on `device` (see `resolve_device`); weights resolved as
+    described in `weights.py`; precision may be "auto" (see `resolve_precision`)."""
     builder, default, default_pool = _lookup(name)
     layers = tuple(layers) if layers else default
+    device = resolve_device(device)
     network, stride = builder(name, layers, weights)
     pool = default_pool if pool is None else pool
-    return Backbone(
-        name, network, stride, image_size, pool, layers, context, resolve_precision(precision)
-    )
+    arithmetic = resolve_precision(precision, device)
+    return Backbone(name, network, stride, image_size, pool, layers, context, arithmetic).to(device)

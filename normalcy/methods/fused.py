@@ -10,11 +10,13 @@ its units.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
+from normalcy.methods.base import GridScores, as_grid
 from normalcy.methods.gaussian import FeatureSums, GaussianScorer
 from normalcy.methods.patchknn import PatchKNN
 
@@ -29,8 +31,8 @@ class KNNGaussianFusion:
     knn_params: the `PatchKNN` parameters (coreset_ratio, max_bank_size, projection_dim, seed).
 
     After `fit`, `calibrate` must see the part scores (`parts`) of held-out normal images;
-    `Detector.fit` does this with the images it holds out for the threshold. The map is the
-    combined score; the image score comes from part `image_part` (the kNN) alone.
+    `score_held_out` does this with the images `Detector.fit` holds out for the threshold. The
+    map is the combined score; the image score comes from part `image_part` (the kNN) alone.
     """
 
     name = "patchknn+gaussian"
@@ -45,15 +47,16 @@ class KNNGaussianFusion:
     def get_params(self) -> dict[str, Any]:
         return {**self.knn.get_params(), "context_half": self.context_half}
 
-    def _appearance(self, grid: np.ndarray) -> np.ndarray:
+    def _appearance(self, grid: torch.Tensor) -> torch.Tensor:
         return grid[..., : grid.shape[-1] // 2] if self.context_half else grid
 
-    def fit(self, features: Iterable[np.ndarray]) -> KNNGaussianFusion:
+    def fit(self, features: Iterable[np.ndarray | torch.Tensor]) -> KNNGaussianFusion:
         """Fit both models from per-image feature grids (h, w, C) in one pass."""
         sums = FeatureSums()
 
-        def observed() -> Iterator[np.ndarray]:
+        def observed() -> Iterator[torch.Tensor]:
             for grid in features:
+                grid = as_grid(grid)
                 sums.add(self._appearance(grid))
                 yield grid
 
@@ -61,31 +64,50 @@ class KNNGaussianFusion:
         self.gaussian_ = GaussianScorer().fit_sums(sums)
         return self
 
-    def parts(self, grid: np.ndarray) -> np.ndarray:
+    def parts(self, grid: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Raw kNN and Gaussian scores of each patch of an (h, w, C) grid: (2, h, w)."""
         if not hasattr(self, "knn_"):
             raise RuntimeError("KNNGaussianFusion is not fitted: call fit() first")
-        return np.stack([self.knn_.score(grid), self.gaussian_.score(self._appearance(grid))])
+        grid = as_grid(grid)
+        return torch.stack([self.knn_.score(grid), self.gaussian_.score(self._appearance(grid))])
 
-    def calibrate(self, normal_parts: list[np.ndarray]) -> KNNGaussianFusion:
+    def calibrate(self, normal_parts: Sequence[torch.Tensor]) -> KNNGaussianFusion:
         """Each part's mean and spread over the patches of held-out normal images."""
         if not normal_parts:
             raise ValueError(f"{self.name} needs held-out normal images to standardise its parts")
-        values = np.concatenate([p.reshape(len(p), -1) for p in normal_parts], axis=1)
+        values = np.concatenate(
+            [np.asarray(torch.as_tensor(p).cpu()).reshape(len(p), -1) for p in normal_parts],
+            axis=1,
+        )
         self.part_mean_ = values.mean(axis=1)
         self.part_std_ = np.maximum(values.std(axis=1), np.finfo(np.float32).tiny)
         return self
 
-    def combine(self, parts: np.ndarray) -> np.ndarray:
+    def combine(self, parts: torch.Tensor) -> torch.Tensor:
         """One score per patch: the mean of the standardised parts."""
         if not hasattr(self, "part_mean_"):
             raise RuntimeError("KNNGaussianFusion is not calibrated: call calibrate() first")
-        scaled = (parts - self.part_mean_[:, None, None]) / self.part_std_[:, None, None]
-        return scaled.mean(axis=0).astype(np.float32)
+        parts = torch.as_tensor(parts)
+        mean = torch.as_tensor(self.part_mean_, device=parts.device)[:, None, None]
+        std = torch.as_tensor(self.part_std_, device=parts.device)[:, None, None]
+        return ((parts - mean) / std).mean(dim=0).float()
 
-    def score(self, grid: np.ndarray) -> np.ndarray:
+    def score(self, grid: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Fused score of each patch of an (h, w, C) grid: (h, w)."""
         return self.combine(self.parts(grid))
+
+    def _scores(self, parts: torch.Tensor) -> GridScores:
+        return GridScores(self.combine(parts), ranking=parts[self.image_part])
+
+    def score_batch(self, grids: Sequence[torch.Tensor]) -> list[GridScores]:
+        """The fused map; the image is ranked by the kNN part's map."""
+        return [self._scores(self.parts(grid)) for grid in grids]
+
+    def score_held_out(self, grids: Iterable[torch.Tensor]) -> list[GridScores]:
+        """Standardises the parts on these normal images, then scores them."""
+        parts = [self.parts(grid) for grid in grids]
+        self.calibrate(parts)
+        return [self._scores(p) for p in parts]
 
     def arrays(self) -> dict[str, np.ndarray]:
         gaussian = self.gaussian_.arrays()

@@ -11,6 +11,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
+
+from normalcy.methods.base import GridScorer, GridScores, as_grid
 
 
 class Moments:
@@ -70,8 +73,8 @@ class FeatureSums:
         self.patches: Moments | None = None
         self.images: Moments | None = None
 
-    def add(self, grid: np.ndarray) -> None:
-        flat = grid.reshape(-1, grid.shape[-1])
+    def add(self, grid: np.ndarray | torch.Tensor) -> None:
+        flat = as_grid(grid).reshape(-1, grid.shape[-1]).cpu().numpy()
         if self.patches is None or self.images is None:
             self.patches, self.images = Moments(flat.shape[1]), Moments(flat.shape[1])
         self.patches.add(flat)
@@ -94,7 +97,7 @@ def whitening(cov: np.ndarray, low_variance_fraction: float | None) -> np.ndarra
     return eigenvectors / np.sqrt(eigenvalues)
 
 
-class GaussianScorer:
+class GaussianScorer(GridScorer):
     """Mahalanobis distance to Gaussians of normal image features and normal patch features.
 
     low_variance_fraction: keep only the principal components of smallest variance that hold
@@ -113,7 +116,7 @@ class GaussianScorer:
     def get_params(self) -> dict[str, Any]:
         return {"low_variance_fraction": self.low_variance_fraction}
 
-    def fit(self, features: Iterable[np.ndarray]) -> GaussianScorer:
+    def fit(self, features: Iterable[np.ndarray | torch.Tensor]) -> GaussianScorer:
         """Fit both Gaussians from per-image feature grids (h, w, C)."""
         sums = FeatureSums()
         for grid in features:
@@ -129,9 +132,10 @@ class GaussianScorer:
         self.patch_mean_, patch_cov, self.patch_shrinkage_ = sums.patches.mean_and_covariance()
         self.image_whitening_ = whitening(image_cov, self.low_variance_fraction)
         self.patch_whitening_ = whitening(patch_cov, self.low_variance_fraction)
+        self._tensors = {}
         return self
 
-    def _check_fitted(self, grid: np.ndarray) -> None:
+    def _check_fitted(self, grid: torch.Tensor) -> None:
         if not hasattr(self, "patch_mean_"):
             raise RuntimeError("GaussianScorer is not fitted: call fit() first")
         if grid.shape[-1] != self.patch_mean_.size:
@@ -139,18 +143,42 @@ class GaussianScorer:
                 f"features have {grid.shape[-1]} dims, the model has {self.patch_mean_.size}"
             )
 
-    def score(self, grid: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of each patch of an (h, w, C) grid: (h, w)."""
-        self._check_fitted(grid)
-        flat = grid.reshape(-1, grid.shape[-1]) - self.patch_mean_
-        distances = np.linalg.norm(flat @ self.patch_whitening_, axis=1)
-        return distances.reshape(grid.shape[:-1]).astype(np.float32)
+    def _on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The fitted arrays as tensors on `device`: float64 on the CPU, as fitted; float32
+        on accelerators, where float64 is slow."""
+        self._tensors = getattr(self, "_tensors", {})
+        if str(device) not in self._tensors:
+            dtype = torch.float64 if device.type == "cpu" else torch.float32
+            self._tensors[str(device)] = {
+                key: torch.from_numpy(np.asarray(value)).to(device, dtype)
+                for key, value in self.arrays().items()
+            }
+        return self._tensors[str(device)]
 
-    def image_score(self, grid: np.ndarray) -> float:
-        """Mahalanobis distance of the image's mean feature."""
+    def score(self, grid: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of each patch of an (h, w, C) grid: (h, w)."""
+        grid = as_grid(grid)
         self._check_fitted(grid)
-        pooled = grid.reshape(-1, grid.shape[-1]).mean(axis=0) - self.image_mean_
-        return float(np.linalg.norm(pooled @ self.image_whitening_))
+        fitted = self._on(grid.device)
+        flat = grid.reshape(-1, grid.shape[-1]).to(fitted["patch_mean"].dtype)
+        distances = torch.linalg.vector_norm(
+            (flat - fitted["patch_mean"]) @ fitted["patch_whitening"], dim=1
+        )
+        return distances.reshape(grid.shape[:-1]).float()
+
+    def image_score(self, grid: np.ndarray | torch.Tensor) -> float:
+        """Mahalanobis distance of the image's mean feature."""
+        grid = as_grid(grid)
+        self._check_fitted(grid)
+        fitted = self._on(grid.device)
+        pooled = grid.reshape(-1, grid.shape[-1]).to(fitted["image_mean"].dtype).mean(dim=0)
+        return float(
+            torch.linalg.vector_norm((pooled - fitted["image_mean"]) @ fitted["image_whitening"])
+        )
+
+    def score_grid(self, grid: torch.Tensor) -> GridScores:
+        """The patch map, and the image score from the Gaussian of whole-image features."""
+        return GridScores(self.score(grid), image=self.image_score(grid))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -165,4 +193,5 @@ class GaussianScorer:
         method = cls(**params)
         for key in ("image_mean", "image_whitening", "patch_mean", "patch_whitening"):
             setattr(method, key + "_", np.asarray(arrays[key], dtype=np.float64))
+        method._tensors = {}
         return method

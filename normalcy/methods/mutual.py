@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from normalcy.backbones import resolve_precision
+from normalcy.methods.base import GridScores, as_grid
+from normalcy.postprocess import SIGMA_AT_256, image_score, score_map
 
 # Fewer images than this make "what most images look like" meaningless...
 MIN_BATCH = 3
@@ -35,9 +37,9 @@ MAX_PEERS = 200
 log = logging.getLogger("normalcy")
 
 
-def neighbourhood_features(grid: np.ndarray, size: int) -> torch.Tensor:
+def neighbourhood_features(grid: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """(h*w, C) patch features averaged over `size` x `size` neighbourhoods, L2-normalised."""
-    tensor = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32)).permute(2, 0, 1)
+    tensor = as_grid(grid).permute(2, 0, 1)
     if size > 1:
         tensor = F.avg_pool2d(
             tensor[None], size, stride=1, padding=size // 2, count_include_pad=False
@@ -76,7 +78,9 @@ def nearest_distances(
     """
     count = len(patches)
     lengths = [len(p) for p in patches]
-    tables = [torch.full((n, count), -math.inf) for n in lengths]  # best similarity so far
+    device = patches[0].device
+    # best similarity so far
+    tables = [torch.full((n, count), -math.inf, device=device) for n in lengths]
     groups = _blocks(lengths, block_patches)
     stacked = [torch.cat([patches[i] for i in g]).to(dtype) for g in groups]
     offsets = [np.cumsum([0] + [lengths[i] for i in g]) for g in groups]
@@ -102,7 +106,7 @@ def nearest_distances(
     return [t.mul_(-2).add_(2).clamp_(min=0).sqrt_() for t in tables]
 
 
-def sub_batches(grids: Sequence[np.ndarray], max_peers: int) -> list[list[int]]:
+def sub_batches(grids: Sequence[np.ndarray | torch.Tensor], max_peers: int) -> list[list[int]]:
     """Indices of the batch dealt into the fewest sub-batches of at most `max_peers` images,
     in an order set by the images' content: each sub-batch is a spread sample of the batch,
     and the split does not depend on the order the images came in."""
@@ -111,7 +115,9 @@ def sub_batches(grids: Sequence[np.ndarray], max_peers: int) -> list[list[int]]:
         return [list(range(len(grids)))]
     order = sorted(
         range(len(grids)),
-        key=lambda i: hashlib.blake2b(np.ascontiguousarray(grids[i]).tobytes()).digest(),
+        key=lambda i: hashlib.blake2b(
+            np.ascontiguousarray(as_grid(grids[i]).cpu().numpy()).tobytes()
+        ).digest(),
     )
     return [sorted(order[p::parts]) for p in range(parts)]
 
@@ -147,6 +153,7 @@ class MutualScorer:
         scored on its own, so memory and time per image stay bounded.
     precision: arithmetic of the distance products: "float32", "bfloat16" (twice as fast
         where the CPU has bfloat16 instructions) or "auto" (bfloat16 only there).
+    sigma: the map smoothing (as `Detector`'s) of the image scores that re-scoring smooths.
 
     Defaults: 1x1 patches and no re-scoring. On Magnetic Tile at 448 px the 3x3 and 5x5
     neighbourhoods and re-scoring each lowered image AUROC (by 0.03, and by 0.04-0.06) and
@@ -164,6 +171,7 @@ class MutualScorer:
         max_peers: int = MAX_PEERS,
         precision: str = "auto",
         block_patches: int = BLOCK_PATCHES,
+        sigma: float = SIGMA_AT_256,
     ) -> None:
         if not 0 < vouch_fraction <= 1:
             raise ValueError(f"vouch_fraction must be in (0, 1], got {vouch_fraction}")
@@ -180,6 +188,7 @@ class MutualScorer:
         self.max_peers = max_peers
         self.precision = precision
         self.block_patches = block_patches
+        self.sigma = sigma
 
     def get_params(self) -> dict[str, Any]:
         return {
@@ -188,6 +197,7 @@ class MutualScorer:
             "rescore_neighbours": self.rescore_neighbours,
             "max_peers": self.max_peers,
             "precision": self.precision,
+            "sigma": self.sigma,
         }
 
     def n_blocks(self, grids: Sequence[np.ndarray]) -> int:
@@ -199,10 +209,38 @@ class MutualScorer:
             total += groups * (groups + 1) // 2
         return len(self.neighbourhoods) * total
 
-    @torch.inference_mode()
+    def fit(self, grids: Iterable[torch.Tensor]) -> MutualScorer:
+        raise ValueError(
+            "the mutual method is zero-shot: it needs no fit; call zero_shot(images) "
+            "(CLI: normalcy predict --zero-shot INPUT_DIR -o OUT)"
+        )
+
+    def score_held_out(self, grids: Iterable[torch.Tensor]) -> list[GridScores]:
+        return self.score_batch(list(grids))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> MutualScorer:
+        return cls(**params)
+
     def score_batch(
-        self, grids: Sequence[np.ndarray], on_block: Callable[[], None] | None = None
-    ) -> list[np.ndarray]:
+        self, grids: Sequence[torch.Tensor], on_block: Callable[[], None] | None = None
+    ) -> list[GridScores]:
+        """The batch scored against itself; with re-scoring, image scores smoothed over
+        similar images."""
+        patches = self.patch_scores(grids, on_block)
+        if not self.rescore_neighbours:
+            return [GridScores(p) for p in patches]
+        ranked = np.array([image_score(score_map(p, self.sigma)) for p in patches])
+        images = self.rescore(ranked, grids)
+        return [GridScores(p, image=float(i)) for p, i in zip(patches, images, strict=True)]
+
+    @torch.inference_mode()
+    def patch_scores(
+        self, grids: Sequence[np.ndarray | torch.Tensor], on_block: Callable[[], None] | None = None
+    ) -> list[torch.Tensor]:
         """Patch anomaly scores (h, w) for each (h, w, C) grid of the batch."""
         if len(grids) < MIN_BATCH:
             raise ValueError(
@@ -216,18 +254,22 @@ class MutualScorer:
                 len(grids),
                 RELIABLE_BATCH,
             )
-        dtype = torch.bfloat16 if resolve_precision(self.precision) == "bfloat16" else torch.float32
-        total = [np.zeros(g.shape[:2], dtype=np.float64) for g in grids]
+        grids = [as_grid(g) for g in grids]
+        precision = resolve_precision(self.precision, grids[0].device)
+        dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        total = [torch.zeros(g.shape[:2], dtype=torch.float64, device=g.device) for g in grids]
         for members in sub_batches(grids, self.max_peers):
             for size in self.neighbourhoods:
                 patches = [neighbourhood_features(grids[i], size) for i in members]
                 tables = nearest_distances(patches, self.block_patches, on_block, dtype)
                 for i, table in zip(members, tables, strict=True):
                     smallest = mean_of_smallest(table, self.vouch_fraction)
-                    total[i] += smallest.numpy().reshape(grids[i].shape[:2])
-        return [(acc / len(self.neighbourhoods)).astype(np.float32) for acc in total]
+                    total[i] += smallest.reshape(grids[i].shape[:2])
+        return [(acc / len(self.neighbourhoods)).float() for acc in total]
 
-    def rescore(self, scores: np.ndarray, grids: Sequence[np.ndarray]) -> np.ndarray:
+    def rescore(self, scores: np.ndarray, grids: Sequence[torch.Tensor]) -> np.ndarray:
         """Image scores smoothed over similar images (global feature: the grid's mean)."""
-        global_features = np.stack([g.reshape(-1, g.shape[-1]).mean(axis=0) for g in grids])
+        global_features = np.stack(
+            [as_grid(g).reshape(-1, g.shape[-1]).mean(dim=0).cpu().numpy() for g in grids]
+        )
         return rescore(scores, global_features, self.rescore_neighbours)

@@ -7,7 +7,7 @@ is its distance to the nearest normal patch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import faiss
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from normalcy.backbones import resolve_precision
+from normalcy.methods.base import GridScorer, GridScores, as_grid
 from normalcy.methods.coreset import StreamingCoreset
 
 # bfloat16 search: each patch's nearest bank patches by bfloat16 products, re-measured in
@@ -22,18 +23,19 @@ from normalcy.methods.coreset import StreamingCoreset
 # about 60,000 patches (224 and 448 px); 8 leaves a margin.
 CANDIDATES = 8
 FAISS_BATCH = 4096  # queries per faiss search call
+DEVICE_CHUNK = 8192  # queries per exact matrix-product block on an accelerator
 
 
-class PatchKNN:
-    """Memory bank + exact nearest-neighbour search (CPU: faiss in float32, or bfloat16
-    candidates re-measured in float32).
+class PatchKNN(GridScorer):
+    """Memory bank + exact nearest-neighbour search, on the device the features are on.
 
     coreset_ratio: fraction of each image's patches kept on arrival (1.0 keeps all).
     max_bank_size: the bank is reduced to at most this many patches by a final greedy pass;
         it bounds the search cost per image (about 2 * patches * bank * dims flops).
-    precision: "float32" searches with faiss; "bfloat16" picks candidates with bfloat16
-        products and measures them in float32 (1.4x faster where the CPU has bfloat16
-        instructions, same distances); "auto" decides for this CPU.
+    precision: "float32" searches exactly (faiss on CPU, matrix products elsewhere);
+        "bfloat16" picks candidates with bfloat16 products and measures them in float32
+        (1.4x faster where the CPU has bfloat16 instructions, same distances); "auto"
+        decides for the device.
     """
 
     name = "patchknn"
@@ -62,50 +64,78 @@ class PatchKNN:
             "precision": self.precision,
         }
 
-    def fit(self, features: Iterable[np.ndarray]) -> PatchKNN:
-        """Build the bank from per-image feature grids (h, w, C) or patch lists (N, C)."""
+    def fit(self, features: Iterable[np.ndarray | torch.Tensor]) -> PatchKNN:
+        """Build the bank from per-image feature grids (h, w, C) or patch lists (N, C); each
+        is reduced on arrival, so only the bank's share of them is ever held."""
         coreset = StreamingCoreset(
             self.coreset_ratio, self.max_bank_size, self.projection_dim, self.seed
         )
         for grid in features:
-            coreset.add(grid.reshape(-1, grid.shape[-1]))
+            patches = as_grid(grid).reshape(-1, grid.shape[-1])
+            coreset.add(patches.cpu().numpy())
         self.memory_bank_ = coreset.finish()
         self.n_patches_seen_ = coreset.n_seen
-        self._index = None
+        self._indexes: dict[str, Any] = {}
         return self
 
-    def _search_index(self) -> faiss.Index | tuple[torch.Tensor, torch.Tensor]:
-        """faiss's exact index, or for bfloat16 search the bank and its bfloat16 (C + 1, N)
-        form whose product with a query plus a trailing 1 is q.b - |b|^2 / 2, which ranks
-        bank patches by distance to q."""
-        if getattr(self, "_index", None) is None:
-            if not hasattr(self, "memory_bank_"):
-                raise RuntimeError("PatchKNN is not fitted: call fit() first")
-            if resolve_precision(self.precision) == "bfloat16":
-                bank = torch.from_numpy(self.memory_bank_)
-                half_norms = -0.5 * (bank**2).sum(dim=1, keepdim=True)
-                ranking = torch.cat([bank, half_norms], dim=1).to(torch.bfloat16).T.contiguous()
-                self._index = (bank, ranking)
+    def _index(self, device: torch.device) -> Any:
+        """The search structure for `device`, made once: faiss's exact index for float32 on
+        the CPU; else the bank on the device and, for bfloat16, its (C + 1, N) form whose
+        product with a query plus a trailing 1 is q.b - |b|^2 / 2, which ranks bank patches
+        by distance to q."""
+        if not hasattr(self, "memory_bank_"):
+            raise RuntimeError("PatchKNN is not fitted: call fit() first")
+        self._indexes = getattr(self, "_indexes", {})
+        key = str(device)
+        if key not in self._indexes:
+            precision = resolve_precision(self.precision, device)
+            if precision == "float32" and device.type == "cpu":
+                index = faiss.IndexFlatL2(self.memory_bank_.shape[1])
+                index.add(self.memory_bank_)
             else:
-                self._index = faiss.IndexFlatL2(self.memory_bank_.shape[1])
-                self._index.add(self.memory_bank_)
-        return self._index
+                bank = torch.from_numpy(self.memory_bank_).to(device)
+                half_norms = -0.5 * (bank**2).sum(dim=1, keepdim=True)
+                ranking = torch.cat([bank, half_norms], dim=1)
+                dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+                index = (bank, ranking.to(dtype).T.contiguous())
+            self._indexes[key] = index
+        return self._indexes[key]
 
-    def score(self, grid: np.ndarray) -> np.ndarray:
-        """Distance of each patch of an (h, w, C) grid to its nearest normal patch: (h, w)."""
-        index = self._search_index()
-        dims = self.memory_bank_.shape[1]
-        if grid.shape[-1] != dims:
-            raise ValueError(f"features have {grid.shape[-1]} dims, the bank has {dims}")
-        queries = np.ascontiguousarray(grid.reshape(-1, dims), dtype=np.float32)
-        if isinstance(index, tuple):
+    def nearest(self, queries: torch.Tensor) -> torch.Tensor:
+        """Distance of each of (N, C) queries to its nearest bank patch: (N,), same device."""
+        dims = self.memory_bank_.shape[1] if hasattr(self, "memory_bank_") else None
+        index = self._index(queries.device)
+        if queries.shape[-1] != dims:
+            raise ValueError(f"features have {queries.shape[-1]} dims, the bank has {dims}")
+        if isinstance(index, faiss.Index):
+            flat = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
+            squared = np.empty(len(flat), dtype=np.float32)
+            for start in range(0, len(flat), FAISS_BATCH):
+                found, _ = index.search(flat[start : start + FAISS_BATCH], 1)
+                squared[start : start + FAISS_BATCH] = found[:, 0]
+            distances = torch.from_numpy(squared)
+        elif index[1].dtype == torch.bfloat16:
             distances = _nearest_bfloat16(queries, *index)
         else:
-            distances = np.empty(len(queries), dtype=np.float32)
-            for start in range(0, len(queries), FAISS_BATCH):
-                found, _ = index.search(queries[start : start + FAISS_BATCH], 1)
-                distances[start : start + FAISS_BATCH] = found[:, 0]
-        return np.sqrt(np.maximum(distances, 0)).reshape(grid.shape[:-1])
+            distances = _nearest_exact(queries, *index)
+        return distances.clamp_(min=0).sqrt_()
+
+    def score(self, grid: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Distance of each patch of an (h, w, C) grid to its nearest normal patch: (h, w)."""
+        grid = as_grid(grid)
+        return self.nearest(grid.reshape(-1, grid.shape[-1])).reshape(grid.shape[:-1])
+
+    def score_grid(self, grid: torch.Tensor) -> GridScores:
+        return GridScores(self.score(grid))
+
+    def score_batch(self, grids: Sequence[torch.Tensor]) -> list[GridScores]:
+        """All patches of the batch searched together (one large product on a device)."""
+        if not grids:
+            return []
+        grids = [as_grid(g) for g in grids]
+        flat = torch.cat([g.reshape(-1, g.shape[-1]) for g in grids])
+        distances = self.nearest(flat).split([g.shape[0] * g.shape[1] for g in grids])
+        return [GridScores(d.reshape(g.shape[:-1])) for d, g in zip(distances, grids, strict=True)]
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Fitted state to save."""
@@ -116,21 +146,37 @@ class PatchKNN:
         method = cls(**params)
         method.memory_bank_ = np.ascontiguousarray(arrays["memory_bank"], dtype=np.float32)
         method.n_patches_seen_ = None
-        method._index = None
+        method._indexes = {}
         return method
 
 
 def _nearest_bfloat16(
-    queries: np.ndarray, bank: torch.Tensor, ranking: torch.Tensor, chunk: int = 256
-) -> np.ndarray:
+    queries: torch.Tensor, bank: torch.Tensor, ranking: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
     """Squared float32 distance of each query to the nearest of its `CANDIDATES` best bank
     patches by bfloat16 ranking; chunked so each product stays in cache."""
-    found = torch.empty(len(queries))
+    found = torch.empty(len(queries), device=queries.device)
     candidates = min(CANDIDATES, len(bank))
+    if queries.device.type != "cpu":
+        chunk = DEVICE_CHUNK
     for start in range(0, len(queries), chunk):
-        batch = torch.from_numpy(queries[start : start + chunk])
-        ones = torch.ones(len(batch), 1)
+        batch = queries[start : start + chunk]
+        ones = torch.ones(len(batch), 1, device=batch.device)
         ranked = torch.cat([batch, ones], dim=1).to(torch.bfloat16) @ ranking
         nearest = ranked.topk(candidates, dim=1).indices
         found[start : start + chunk] = ((bank[nearest] - batch[:, None]) ** 2).sum(-1).amin(1)
-    return found.numpy()
+    return found
+
+
+def _nearest_exact(
+    queries: torch.Tensor, bank: torch.Tensor, ranking: torch.Tensor, chunk: int = DEVICE_CHUNK
+) -> torch.Tensor:
+    """Squared distance of each query to its nearest bank patch, by float32 products:
+    |q|^2 - 2 max_b (q.b - |b|^2 / 2)."""
+    found = torch.empty(len(queries), device=queries.device)
+    for start in range(0, len(queries), chunk):
+        batch = queries[start : start + chunk]
+        ones = torch.ones(len(batch), 1, device=batch.device)
+        best = (torch.cat([batch, ones], dim=1) @ ranking).amax(dim=1)
+        found[start : start + chunk] = (batch**2).sum(dim=1) - 2 * best
+    return found

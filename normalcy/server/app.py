@@ -19,7 +19,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from normalcy import __version__
-from normalcy.data import ImageLoadError, ImageTooLargeError, LoadedImage, load_image_bytes
+from normalcy.data import (
+    ImageLoadError,
+    ImageTooLargeError,
+    LoadedImage,
+    load_image_bytes_with_size,
+)
 from normalcy.detector import Detector, Prediction
 from normalcy.server.batching import BatchingWorker, QueueFullError
 from normalcy.server.metrics import Metrics
@@ -148,7 +153,9 @@ def create_app(models: dict[str, Detector], settings: ServiceSettings | None = N
             raise fail(404, "model_not_found", f"no model named {name!r}; see GET /v1/models")
         if len(files) > settings.max_files:
             raise fail(413, "too_many_files", f"at most {settings.max_files} images per request")
-        images = [await _decode_upload(upload, settings, fail) for upload in files]
+        # Decoded at the backbone's reduced size unless an overlay at full size is asked for.
+        min_side = None if maps else models[name].image_size
+        images = [await _decode_upload(upload, settings, fail, min_side) for upload in files]
         start = time.perf_counter()
         try:
             futures = worker.submit(images)
@@ -197,7 +204,9 @@ def _describe(name: str, detector: Detector) -> dict:
     }
 
 
-async def _decode_upload(upload: UploadFile, settings: ServiceSettings, fail) -> LoadedImage:
+async def _decode_upload(
+    upload: UploadFile, settings: ServiceSettings, fail, min_side: int | None = None
+) -> LoadedImage:
     name = upload.filename or "upload"
     data = await upload.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
@@ -205,12 +214,14 @@ async def _decode_upload(upload: UploadFile, settings: ServiceSettings, fail) ->
             413, "upload_too_large", f"{name}: larger than {settings.max_upload_bytes} bytes"
         )
     try:
-        image = await asyncio.to_thread(load_image_bytes, data, name, settings.max_pixels)
+        image, size = await asyncio.to_thread(
+            load_image_bytes_with_size, data, name, settings.max_pixels, min_side
+        )
     except ImageTooLargeError as error:
         raise fail(413, "image_too_large", str(error)) from None
     except ImageLoadError as error:
         raise fail(400, "invalid_image", str(error)) from None
-    return LoadedImage(name, image)
+    return LoadedImage(name, image, size)
 
 
 def _png_base64(array: np.ndarray) -> str:

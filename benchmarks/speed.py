@@ -1,0 +1,234 @@
+"""Predict speed as a user meets it: from image files on disk to scores, against the backbone.
+
+For images of about 0.1, 0.4, 1 and 5 megapixels (real Magnetic Tile and DeepPCB images, the
+larger ones upscaled from DeepPCB boards, as PNG and JPEG) at backbone input sizes 224 and 448,
+it times in one process per row:
+
+- backbone: the network's own forward pass on already resized inputs, batched as predict
+  batches them (same-size images together), ms per image;
+- predict: `Detector.predict_iter` over the files, reading scores and decisions only
+  (decoding, resizing, backbone, search, image score), ms per image;
+- predict + maps: the same, also reading each full-size `anomaly_map` and `mask`;
+
+with their ratios to the backbone and the row's peak RSS. Each model is fitted on 40 normal
+images of its data set. Prints a markdown table and writes JSON.
+
+    python benchmarks/speed.py                     # CPU, all rows (about 10 minutes)
+    python benchmarks/speed.py --device cuda --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from normalcy import Detector
+from normalcy.data import find_categories, load_image
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+FIT_IMAGES = 40
+WARM_UP = 2
+# name -> (data set, side of the square upscaled image or None for as is, format, images timed)
+INPUTS = {
+    "0.1 MP png (Magnetic Tile)": ("mtd/magnetic_tile", None, "png", 24),
+    "0.4 MP png (DeepPCB)": ("deeppcb/pcb", None, "png", 24),
+    "1 MP png": ("deeppcb/pcb", 1024, "png", 16),
+    "5 MP png": ("deeppcb/pcb", 2240, "png", 10),
+    "5 MP jpeg": ("deeppcb/pcb", 2240, "jpeg", 10),
+}
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and the instruction sets that decide torch's speed."""
+    name = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine()):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return {
+        "model": name,
+        "cores": torch.get_num_threads(),
+        "flags": [f for f in wanted if f in flags],
+    }
+
+
+def write_images(folder: Path, dataset: str, side: int | None, fmt: str, count: int) -> list[Path]:
+    """Test images of the data set, upscaled to side x side where given, written as `fmt`."""
+    category = find_categories(DATA / dataset)[0]
+    step = max(1, len(category.test) // count)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, sample in enumerate(category.test[::step][: count + WARM_UP]):
+        image = Image.fromarray(load_image(sample.path))
+        if side is not None:
+            image = image.resize((side, side), Image.Resampling.BICUBIC)
+        path = folder / f"{i:03d}.{'jpg' if fmt == 'jpeg' else 'png'}"
+        image.save(path, quality=92) if fmt == "jpeg" else image.save(path)
+        paths.append(path)
+    return paths
+
+
+def fit_model(dataset: str, image_size: int, device: str, target: Path) -> Path:
+    category = find_categories(DATA / dataset)[0]
+    step = max(1, len(category.train) // FIT_IMAGES)
+    detector = Detector(image_size=image_size, device=device)
+    detector.fit(category.train[::step][:FIT_IMAGES])
+    return detector.save(target)
+
+
+def time_row(model: Path, paths: list[Path], device: str, batch_size: int) -> dict:
+    """One row's timings, in this process (see the module docstring)."""
+    detector = Detector.load(model, device=device)
+    detector.batch_size = batch_size
+    backbone = detector.backbone_
+    warm, timed = paths[:WARM_UP], paths[WARM_UP:]
+    list(detector.predict_iter(warm))
+
+    def synchronise() -> None:
+        if backbone.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # The backbone's own batched forward, on inputs already decoded and resized.
+    inputs = [backbone.preprocess(load_image(p, min_side=backbone.image_size)) for p in timed]
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in inputs:
+        groups.setdefault(tuple(tensor.shape), []).append(tensor)
+    batches = [
+        torch.stack(group[i : i + batch_size])
+        for group in groups.values()
+        for i in range(0, len(group), batch_size)
+    ]
+    backbone(batches[0])
+    synchronise()
+    start = time.perf_counter()
+    for batch in batches:
+        backbone(batch)
+    synchronise()
+    backbone_ms = 1000 * (time.perf_counter() - start) / len(timed)
+
+    start = time.perf_counter()
+    scores = [(p.score, p.is_anomalous) for p in detector.predict_iter(timed)]
+    predict_ms = 1000 * (time.perf_counter() - start) / len(timed)
+    assert len(scores) == len(timed)
+
+    start = time.perf_counter()
+    for prediction in detector.predict_iter(timed):
+        assert prediction.anomaly_map.shape == prediction.image_size and prediction.mask is not None
+    maps_ms = 1000 * (time.perf_counter() - start) / len(timed)
+    side = Image.open(timed[0]).size
+    return {
+        "images": len(timed),
+        "image_pixels": side[0] * side[1],
+        "input_size": list(inputs[0].shape[-2:]),
+        "backbone_ms": backbone_ms,
+        "predict_ms": predict_ms,
+        "predict_maps_ms": maps_ms,
+        "predict_ratio": predict_ms / backbone_ms,
+        "predict_maps_ratio": maps_ms / backbone_ms,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "precision": backbone.precision,
+        "device": str(backbone.device),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
+    parser.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=list(INPUTS))
+    parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "speed.json")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row, as JSON
+    args = parser.parse_args()
+    if args.row:
+        row = json.loads(args.row)
+        paths = [Path(p) for p in row["paths"]]
+        print(json.dumps(time_row(Path(row["model"]), paths, args.device, args.batch_size)))
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        images = {
+            name: write_images(Path(tmp) / f"images-{i}", *INPUTS[name][:3], INPUTS[name][3])
+            for i, name in enumerate(args.inputs)
+        }
+        for size in args.sizes:
+            models = {
+                dataset: fit_model(dataset, size, args.device, Path(tmp) / f"{i}-{size}")
+                for i, dataset in enumerate(sorted({INPUTS[n][0] for n in args.inputs}))
+            }
+            for name in args.inputs:
+                spec = {
+                    "model": str(models[INPUTS[name][0]]),
+                    "paths": list(map(str, images[name])),
+                }
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--row",
+                    json.dumps(spec),
+                    "--device",
+                    args.device,
+                    "--batch-size",
+                    str(args.batch_size),
+                ]
+                output = subprocess.run(command, capture_output=True, text=True, check=True)
+                row = {"images_of": name, "image_size": size, **json.loads(output.stdout)}
+                rows.append(row)
+                print(
+                    f"{name} at {size}: backbone {row['backbone_ms']:.0f} ms, predict "
+                    f"{row['predict_ms']:.0f} ms ({row['predict_ratio']:.2f}x), with maps "
+                    f"{row['predict_maps_ms']:.0f} ms ({row['predict_maps_ratio']:.2f}x)",
+                    file=sys.stderr,
+                )
+    result = {
+        "cpu": cpu_description(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "fit_images": FIT_IMAGES,
+        "rows": rows,
+    }
+    cpu = result["cpu"]
+    print(f"CPU: {cpu['model']}, {cpu['cores']} threads, flags: {' '.join(cpu['flags'])}")
+    print(format_table(rows))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| images | input | backbone ms/img | predict ms/img | ratio | predict + maps ms/img "
+        "| ratio | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['images_of']} | {row['image_size']} ({row['precision']}) | "
+            f"{row['backbone_ms']:.0f} | {row['predict_ms']:.0f} | {row['predict_ratio']:.2f}x | "
+            f"{row['predict_maps_ms']:.0f} | {row['predict_maps_ratio']:.2f}x | "
+            f"{row['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

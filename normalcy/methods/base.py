@@ -1,0 +1,75 @@
+"""The one protocol every scoring method implements, so callers never ask what a method is.
+
+A method turns feature grids (h, w, C) into `GridScores`: the patch scores its map is drawn
+from, and what its image score comes from. Grids are torch tensors on the backbone's device
+(numpy arrays are accepted too); scores stay on that device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass
+class GridScores:
+    """What a method says about one image's feature grid.
+
+    patches: (h, w) scores the anomaly map is drawn from.
+    ranking: (h, w) scores whose map's top ranks the image; None: `patches`.
+    image: the method's own image score, where it has one; None: the top of the ranking map.
+    """
+
+    patches: torch.Tensor
+    ranking: torch.Tensor | None = None
+    image: float | None = None
+
+
+class Method(Protocol):
+    """Fit on normal feature grids, score grids, save and restore the fitted arrays."""
+
+    name: ClassVar[str]
+
+    def fit(self, grids: Iterable[torch.Tensor]) -> Method:
+        """Learn from the feature grids of normal images (consumed once, in order)."""
+        ...
+
+    def score_batch(self, grids: Sequence[torch.Tensor]) -> list[GridScores]:
+        """Scores of each grid of a batch (zero-shot methods score the batch against itself)."""
+        ...
+
+    def score_held_out(self, grids: Iterable[torch.Tensor]) -> list[GridScores]:
+        """Scores of held-out normal images; a method that standardises its scores learns
+        their scale from these first."""
+        ...
+
+    def get_params(self) -> dict[str, Any]: ...
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Fitted state to save."""
+        ...
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> Method: ...
+
+
+class GridScorer:
+    """Shared behaviour of methods that score each grid on its own (`score_grid`)."""
+
+    def score_grid(self, grid: torch.Tensor) -> GridScores:
+        raise NotImplementedError
+
+    def score_batch(self, grids: Sequence[torch.Tensor]) -> list[GridScores]:
+        return [self.score_grid(grid) for grid in grids]
+
+    def score_held_out(self, grids: Iterable[torch.Tensor]) -> list[GridScores]:
+        return [self.score_grid(grid) for grid in grids]
+
+
+def as_grid(grid: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A feature grid as a float32 tensor (numpy arrays are wrapped without a copy)."""
+    return torch.as_tensor(grid).float()

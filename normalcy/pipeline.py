@@ -1,0 +1,239 @@
+"""The one predict path: decode -> resize -> backbone -> patch scores -> image score -> decision.
+
+The library, the CLI, the service and eval all predict through `Pipeline`. It never asks what
+a method is: every method answers `score_batch` with `GridScores`. Image scores and thresholds
+come from maps at a fixed scale of the patch grid (`postprocess.score_map`), so they do not
+depend on the image's pixel count; maps at image size and masks are made only when a caller
+reads `Prediction.anomaly_map` or `Prediction.mask`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from normalcy.backbones import Backbone
+from normalcy.data import ImageInput, ImageLoadError, LoadedImage, load_many
+from normalcy.methods.base import GridScores, Method
+from normalcy.postprocess import (
+    SIGMA_AT_256,
+    UPSAMPLING,
+    fill_gaps,
+    image_score,
+    resize_map,
+    score_map,
+)
+
+T = TypeVar("T")
+PREFETCH = 4  # decoded images kept ready ahead of the backbone
+# Images gathered per bucketing window: those of one input size among them share batches.
+WINDOW_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """How patch scores become maps: smoothing, gap filling and the upsampling of the map
+    users see (see `postprocess`); image scores always come from the bilinear map."""
+
+    sigma: float = SIGMA_AT_256
+    closing: int = 3
+    upsample: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.upsample not in UPSAMPLING:
+            raise ValueError(f"upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
+
+    def ranking_map(self, ranking: torch.Tensor) -> torch.Tensor:
+        """The map whose top 1% is the image score: without gap filling (filling raises the
+        busy texture of normal images too, blurring the ranking)."""
+        return score_map(ranking, self.sigma)
+
+    def shown_map(self, patches: torch.Tensor, dense: bool) -> torch.Tensor:
+        """The map users see, at the fixed scale: gaps filled over `closing` patches (the
+        same extent in the image on a dense grid of twice the density)."""
+        width = 2 * self.closing - 1 if dense else self.closing
+        return score_map(fill_gaps(patches, width), self.sigma, dense, self.upsample)
+
+
+@dataclass(eq=False)
+class Prediction:
+    """The result for one image. `is_anomalous` and `mask` are None when no threshold is set.
+
+    `score` and `is_anomalous` are computed when predicting; `score_map` (the map at the fixed
+    scale of the patch grid), `anomaly_map` (at image size) and `mask` when first read.
+    """
+
+    name: str
+    score: float
+    is_anomalous: bool | None
+    threshold: float | None
+    image_size: tuple[int, int]
+    patch_scores: torch.Tensor = field(repr=False)
+    dense: bool = False
+    pixel_threshold: float | None = None
+    maps: MapSettings = field(default_factory=MapSettings, repr=False)
+
+    @cached_property
+    def score_map(self) -> torch.Tensor:
+        return self.maps.shown_map(self.patch_scores, self.dense)
+
+    @cached_property
+    def anomaly_map(self) -> np.ndarray:
+        """(H, W) float32 map at the image's own size."""
+        return resize_map(self.score_map, self.image_size)
+
+    @cached_property
+    def mask(self) -> np.ndarray | None:
+        """(H, W) bool: where the map exceeds the level held-out normal images stay under."""
+        if self.pixel_threshold is None:
+            return None
+        return self.anomaly_map > self.pixel_threshold
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "score": self.score,
+            "is_anomalous": self.is_anomalous,
+            "threshold": self.threshold,
+        }
+
+
+def prefetched(items: Iterable[T], depth: int = PREFETCH) -> Iterator[T]:
+    """`items` produced by a background thread up to `depth` ahead, so decoding overlaps the
+    forward pass (decoders and torch release the GIL). Stops the thread if abandoned."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put((done, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            ready.put((done, error))
+
+    thread = threading.Thread(target=produce, daemon=True, name="normalcy-decode")
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def feature_grids(
+    backbone: Backbone, images: Iterable[LoadedImage], batch_size: int, dense: bool = False
+) -> Iterator[tuple[list[LoadedImage], list[torch.Tensor]]]:
+    """Windows of images and their feature grids, in order. Each window holds
+    `WINDOW_BATCHES` batches' worth of images, and images of one input size within it share
+    forward passes of up to `batch_size`: mixed sizes are bucketed, memory stays bounded."""
+    remaining = iter(images)
+    while window := list(itertools.islice(remaining, batch_size * WINDOW_BATCHES)):
+        images = [item.image for item in window]
+        yield window, backbone.features(images, dense=dense, batch_size=batch_size)
+
+
+@dataclass
+class Pipeline:
+    """A fitted method behind a backbone: images in, predictions out.
+
+    dense: maps from the half-stride grid (three more shifted backbone passes); image scores
+        and decisions stay those of the plain grid, so thresholds hold either way.
+    """
+
+    backbone: Backbone
+    method: Method
+    maps: MapSettings = field(default_factory=MapSettings)
+    dense: bool = False
+    batch_size: int = 8
+    threshold: float | None = None
+    pixel_threshold: float | None = None
+
+    def image_score(self, scores: GridScores) -> float:
+        """The method's own image score, or the top of its ranking map."""
+        if scores.image is not None:
+            return scores.image
+        ranking = scores.patches if scores.ranking is None else scores.ranking
+        return image_score(self.maps.ranking_map(ranking))
+
+    def prediction(
+        self,
+        name: str,
+        size: tuple[int, int],
+        scores: GridScores,
+        shown: torch.Tensor | None = None,
+    ) -> Prediction:
+        """The prediction for the image `name` of `size` (H, W) from its scores (`shown`: the
+        dense grid's patch scores for the map, when predicting with the dense map)."""
+        score = self.image_score(scores)
+        return Prediction(
+            name=name,
+            score=score,
+            is_anomalous=None if self.threshold is None else bool(score > self.threshold),
+            threshold=self.threshold,
+            image_size=tuple(size),
+            patch_scores=(scores.patches if shown is None else shown).cpu(),
+            dense=shown is not None,
+            pixel_threshold=self.pixel_threshold,
+            maps=self.maps,
+        )
+
+    @torch.inference_mode()
+    def predict_images(self, images: Iterable[LoadedImage]) -> Iterator[Prediction]:
+        """Predictions for decoded images, in order."""
+        for batch, grids in feature_grids(self.backbone, images, self.batch_size, self.dense):
+            if self.dense:
+                plain = self.method.score_batch([g[::2, ::2] for g in grids])
+                shown = [s.patches for s in self.method.score_batch(grids)]
+            else:
+                plain, shown = self.method.score_batch(grids), [None] * len(grids)
+            for item, scores, dense in zip(batch, plain, shown, strict=True):
+                yield self.prediction(item.name, item.size, scores, dense)
+
+    def predict(
+        self, sources: Sequence[ImageInput], on_image: Callable[[], None] | None = None
+    ) -> Iterator[Prediction | ImageLoadError]:
+        """A prediction per source, in order; an unreadable source yields its error in its
+        place. Decoding runs ahead in a thread, at the reduced size the backbone needs."""
+        decoded = prefetched(load_many(sources, min_side=self.backbone.image_size))
+        pending: list[LoadedImage] = []
+
+        def flush() -> Iterator[Prediction]:
+            yield from self.predict_images(pending)
+            if on_image is not None:
+                for _ in pending:
+                    on_image()
+            pending.clear()
+
+        for item in decoded:
+            if isinstance(item, ImageLoadError):
+                yield from flush()
+                if on_image is not None:
+                    on_image()
+                yield item
+                continue
+            pending.append(item)
+            if len(pending) == self.batch_size * WINDOW_BATCHES:
+                yield from flush()
+        yield from flush()
