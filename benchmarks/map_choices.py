@@ -54,7 +54,7 @@ def diagonal_grid(dense: torch.Tensor) -> torch.Tensor:
     known[::2, ::2] = True
     known[1::2, 1::2] = True
     values = torch.where(known, dense, torch.zeros_like(dense))
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).to(dense)[None, None]
     total = F.conv2d(values[None, None], kernel, padding=1)[0, 0]
     count = F.conv2d(known[None, None].float(), kernel, padding=1)[0, 0]
     return torch.where(known, dense, total / count.clamp(min=1))
@@ -88,11 +88,12 @@ def main() -> int:
             mode: MapSettings(detector.sigma, detector.closing, mode) for mode in UPSAMPLING
         }
         paths = [s.path for s in category.test]
-        for sample, item in zip(category.test, load_many(paths), strict=True):
+        decoded = load_many(paths, min_side=detector.image_size)  # as predict decodes them
+        for sample, item in zip(category.test, decoded, strict=True):
             (dense_grid,) = backbone.features([item.image], dense=True)
             dense = method.score_batch([dense_grid])[0].patches
             plain = dense[::2, ::2]
-            size = item.image.shape[:2]
+            size = item.size
             labels.append(sample.label)
             fixed_scale.append(image_score(settings.ranking_map(plain)))
             full_size.append(image_score(anomaly_map(plain, size, detector.sigma)))

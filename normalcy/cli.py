@@ -238,6 +238,8 @@ def _write_maps(
 
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.zero_shot:
+        if args.dense_map:
+            raise ValueError("--dense-map is for fitted models; zero-shot maps use the plain grid")
         detector = Detector(
             backbone=args.backbone,
             method=MUTUAL,

@@ -248,7 +248,7 @@ def _decode_pil(
             image.draft(image.mode, (width // factor, height // factor))
         # Forces a full decode, so truncated or corrupt data fails here rather than later.
         image.load()
-        array = _pil_to_array(image)
+        array = _pil_to_array(_reduced_pil(image, min_side))
     except Image.DecompressionBombError as exc:
         raise _pil_limit_error(name, exc) from None
     except _UnsupportedModeError:
@@ -316,6 +316,18 @@ def _array_to_rgb(
     rgb = np.empty((height, width, 3), dtype=np.uint8)
     rgb[...] = values[..., :3]  # drops alpha; a single channel broadcasts to three
     return _reduce(rgb, min_side)
+
+
+def _reduced_pil(image: Image.Image, min_side: int | None) -> Image.Image:
+    """A decoded PIL image box-filtered by :func:`reduction_factor` before it becomes an array,
+    so no full-size copy is made; modes Pillow cannot reduce are left to :func:`_reduce`."""
+    factor = reduction_factor(image.height, image.width, min_side)
+    if factor == 1:
+        return image
+    try:
+        return image.reduce(factor)
+    except ValueError:
+        return image
 
 
 def _reduce(rgb: np.ndarray, min_side: int | None) -> np.ndarray:

@@ -201,24 +201,42 @@ class Detector:
             dense=self.dense_map if dense is None else dense,
             batch_size=self.batch_size,
             threshold=getattr(self, "threshold_", None),
-            pixel_threshold=getattr(self, "pixel_threshold_", None),
+            pixel_threshold=self._pixel_threshold(self.dense_map if dense is None else dense),
         )
+
+    def _pixel_threshold(self, dense: bool) -> float | None:
+        """The mask level for plain or dense maps; a model fitted without the dense map has
+        none of its own for it, and uses the plain one (masks then a little larger)."""
+        plain = getattr(self, "pixel_threshold_", None)
+        if not dense:
+            return plain
+        own = getattr(self, "dense_pixel_threshold_", None)
+        if own is None and plain is not None and not getattr(self, "_warned_dense", False):
+            log.warning(
+                "this model was fitted without the dense map: its masks use the plain map's "
+                "level, set on held-out normal images (fit with --dense-map to set their own)"
+            )
+            self._warned_dense = True
+        return plain if own is None else own
 
     def _grids(self, images: Iterable[LoadedImage]) -> Iterator[torch.Tensor]:
         """Plain feature grids, computed a batch at a time so memory stays bounded."""
         for _, grids in feature_grids(self._backbone(), images, self.batch_size):
             yield from grids
 
-    def _loaded(self, sources: Sequence[ImageInput], what: str) -> Iterator[LoadedImage]:
+    def _loaded(
+        self, sources: Sequence[ImageInput], what: str, record: bool = True
+    ) -> Iterator[LoadedImage]:
         """Decoded images (ahead, in a thread); a broken file is logged by name and skipped,
-        never fatal."""
+        never fatal (`record`: and listed in `skipped_`, once per fit)."""
         bar = tqdm(total=len(sources), desc=what, unit="img", disable=not self.progress)
         self.skipped_: list[str] = getattr(self, "skipped_", [])
         for item in prefetched(load_many(sources, min_side=self.image_size)):
             bar.update()
             if isinstance(item, ImageLoadError):
-                log.warning("skipped %s", item)
-                self.skipped_.append(str(item))
+                if record:
+                    log.warning("skipped %s", item)
+                    self.skipped_.append(str(item))
             else:
                 yield item
         bar.close()
@@ -288,33 +306,51 @@ class Detector:
             self.method_.fit(self._bank_grids(itertools.chain([first], bank_images), few_shot))
             held_scores = self.method_.score_held_out(self._grids(self._loaded(held, "hold-out")))
             normal = [self._normal_result(self.method_, scores) for scores in held_scores]
+            dense_peaks = self._dense_peaks(self.method_, self._loaded(held, "dense maps", False))
         else:
             references = list(self._loaded(sources, "fit"))
             if not references:
                 raise self._unreadable_error()
-            normal = self._leave_one_out_results(references, few_shot)
+            normal, dense_peaks = self._leave_one_out_results(references, few_shot)
             self.method_.fit(self._bank_grids(references, few_shot))
         self.n_train_ = len(sources) - len(self.skipped_)
-        self._set_thresholds(normal)
+        self._set_thresholds(normal, dense_peaks)
         return self
 
     def _normal_result(self, method: Method, scores: GridScores) -> tuple[float, float]:
         """Image score and map peak of a normal image that no bank has seen."""
-        pipeline = self._pipeline(method, dense=False)
-        peak = pipeline.maps.shown_map(scores.patches, dense=False).max()
-        return pipeline.image_score(scores), float(peak)
+        prediction = self._pipeline(method, dense=False).prediction("", (1, 1), scores)
+        return prediction.score, float(prediction.score_map.max())
+
+    def _dense_peaks(self, method: Method, images: Iterable[LoadedImage]) -> list[float]:
+        """Dense-map peaks of held-out normal images, when fitting with the dense map (their
+        own mask level: the finer map reaches higher on normal texture too)."""
+        if not self.dense_map:
+            return []
+        pipeline = self._pipeline(method, dense=True)
+        peaks = []
+        for _, grids in feature_grids(self._backbone(), images, self.batch_size, dense=True):
+            for plain, dense in zip(
+                method.score_batch([g[::2, ::2] for g in grids]),
+                method.score_batch(grids),
+                strict=True,
+            ):
+                prediction = pipeline.prediction("", (1, 1), plain, dense.patches)
+                peaks.append(float(prediction.score_map.max()))
+        return peaks
 
     def _unreadable_error(self) -> ValueError:
         return ValueError("none of the normal images could be read: " + "; ".join(self.skipped_))
 
     def _leave_one_out_results(
         self, references: list[LoadedImage], few_shot: bool
-    ) -> list[tuple[float, float]]:
-        """Image score and map peak of each reference scored against a model of the others."""
+    ) -> tuple[list[tuple[float, float]], list[float]]:
+        """Image score and map peak of each reference scored against a model of the others,
+        and with the dense map its dense-map peak."""
         if len(references) < 2:
-            return []
+            return [], []
         grids = [list(self._bank_grids([r], few_shot)) for r in references]
-        results = []
+        results, dense_peaks = [], []
         for i, reference in enumerate(references):
             method = self._new_method(few_shot)
             try:
@@ -324,9 +360,10 @@ class Detector:
                 continue
             (scores,) = method.score_batch([grids[i][0]])
             results.append(self._normal_result(method, scores))
-        return results
+            dense_peaks += self._dense_peaks(method, [reference])
+        return results, dense_peaks
 
-    def _set_thresholds(self, normal: list[tuple[float, float]]) -> None:
+    def _set_thresholds(self, normal: list[tuple[float, float]], dense_peaks: list[float]) -> None:
         scores = np.array([score for score, _ in normal])
         peaks = np.array([peak for _, peak in normal])
         self.normal_scores_ = scores
@@ -346,6 +383,9 @@ class Detector:
             )
         # Masks: the pixel level that the same share of held-out normal images never reach.
         self.pixel_threshold_ = threshold_at_fpr(peaks, self.fpr) if len(peaks) else None
+        self.dense_pixel_threshold_ = (
+            threshold_at_fpr(np.array(dense_peaks), self.fpr) if dense_peaks else None
+        )
 
     # ------------------------------------------------------------------- predict
     def _check_fitted(self) -> None:
@@ -366,17 +406,25 @@ class Detector:
         sources = expand_inputs(inputs)
         results: list[Prediction | ImageLoadError | None] = []
         readable: list[tuple[int, str, tuple[int, int]]] = []
-        grids: list[torch.Tensor] = []
         bar = tqdm(total=len(sources), desc="features", unit="img", disable=not self.progress)
-        for item in prefetched(load_many(sources, min_side=self.image_size)):
-            bar.update()
-            if isinstance(item, ImageLoadError):
-                log.warning("skipped %s", item)
-                results.append(item)
-                continue
-            readable.append((len(results), item.name, item.size))
-            results.append(None)
-            grids.extend(self._backbone().features([item.image]))
+
+        def decoded() -> Iterator[LoadedImage]:
+            """The readable images, their places noted; errors kept in their places."""
+            for item in prefetched(load_many(sources, min_side=self.image_size)):
+                bar.update()
+                if isinstance(item, ImageLoadError):
+                    log.warning("skipped %s", item)
+                    results.append(item)
+                    continue
+                readable.append((len(results), item.name, item.size))
+                results.append(None)
+                yield item
+
+        grids = [
+            grid
+            for _, window in feature_grids(self._backbone(), decoded(), self.batch_size)
+            for grid in window
+        ]
         bar.close()
         scorer = self.scorer or MutualScorer(precision=self.precision, sigma=self.sigma)
         bar = tqdm(
@@ -459,6 +507,7 @@ class Detector:
             "threshold": self.threshold_,
             "threshold_source": self.threshold_source_,
             "pixel_threshold": self.pixel_threshold_,
+            "dense_pixel_threshold": self.dense_pixel_threshold_,
             "n_train": self.n_train_,
         }
 
@@ -549,6 +598,10 @@ class Detector:
         detector.threshold_ = config["threshold"]
         detector.threshold_source_ = config["threshold_source"]
         detector.pixel_threshold_ = config["pixel_threshold"]
+        # Saved before it had its own: a model fitted with the dense map set its one level on it.
+        detector.dense_pixel_threshold_ = config.get(
+            "dense_pixel_threshold", config["pixel_threshold"] if config.get("dense_map") else None
+        )
         detector.n_train_ = config["n_train"]
         detector.normalcy_version_ = config.get("normalcy_version")
         detector.backbone_ = create_backbone(

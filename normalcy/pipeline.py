@@ -113,20 +113,24 @@ def prefetched(items: Iterable[T], depth: int = PREFETCH) -> Iterator[T]:
     stop = threading.Event()
     done = object()
 
+    def hand_over(entry: tuple) -> bool:
+        """Queue `entry` unless the consumer has gone; whether it was queued."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over((item, None)):
                     return
-            ready.put((done, None))
+            hand_over((done, None))
         except BaseException as error:  # handed to the consumer, raised there
-            ready.put((done, error))
+            hand_over((done, error))
 
     thread = threading.Thread(target=produce, daemon=True, name="normalcy-decode")
     thread.start()

@@ -122,7 +122,7 @@ def image_score(
     sensitive to small defects that a whole-image mean would dilute."""
     values = _as_tensor(anomaly_map).flatten()
     k = max(1, int(round(values.numel() * top_fraction)))
-    return float(values.topk(k).values.double().mean())
+    return values.topk(k).values.mean().item()
 
 
 def threshold_at_fpr(normal_scores: np.ndarray, fpr: float) -> float:

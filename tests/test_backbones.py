@@ -5,6 +5,8 @@ Real features come from EfficientNet-Lite0 at small sizes (its weights ship with
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -339,3 +341,19 @@ def test_aggregate_pools_over_a_local_window_ignoring_padding() -> None:
     assert ratio[0, 0].item() == pytest.approx(9 / 4)
     assert ratio[0, 1].item() == pytest.approx(9 / 6)
     assert ratio[1, 1].item() == pytest.approx(9 / 9)
+
+
+def test_the_cnn_runs_channels_last_with_the_same_features() -> None:
+    fast = create_backbone("efficientnet_lite0", 64)
+    assert fast.channels_last and not create_backbone("dinov2_vits14", 28).channels_last
+    plain = Backbone(
+        "efficientnet_lite0",
+        copy.deepcopy(fast.network).to(memory_format=torch.contiguous_format),
+        fast.stride,
+        64,
+        fast.pool,
+        fast.layers,
+    )
+    images = [_image(64, 80, seed=3), _image(64, 80, seed=4)]
+    for a, b in zip(fast.features(images), plain.features(images), strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)

@@ -202,6 +202,14 @@ def test_predict_refuses_a_bad_device_or_thread_count_with_exit_2(
     assert message in capsys.readouterr().err
 
 
+def test_zero_shot_refuses_the_dense_map_naming_it(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["predict", "--zero-shot", str(dataset / "test"), "--dense-map", *FAST]
+    assert main(argv) == 2
+    assert "--dense-map" in capsys.readouterr().err
+
+
 def test_predict_with_a_missing_model_exits_2(
     tmp_path: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

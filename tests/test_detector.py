@@ -9,6 +9,8 @@ import os
 import pickle
 import shutil
 import stat
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -794,3 +796,50 @@ def test_a_saved_model_loads_on_the_cpu_and_scores_the_same(
     loaded = Detector.load(saved, device="cpu")
     assert loaded.backbone_.device.type == "cpu"
     np.testing.assert_allclose(loaded.score(data["bad"]), fitted.score(data["bad"]), rtol=1e-6)
+
+
+def test_fitting_with_the_dense_map_sets_its_own_mask_level_and_saves_it(
+    fitted: Detector, data: dict[str, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dense = Detector(**OPTIONS, dense_map=True).fit(data["train"])
+    assert fitted.dense_pixel_threshold_ is None
+    assert dense.dense_pixel_threshold_ is not None
+    assert dense.dense_pixel_threshold_ != dense.pixel_threshold_
+    loaded = Detector.load(dense.save(tmp_path / "dense"))
+    assert loaded.dense_pixel_threshold_ == dense.dense_pixel_threshold_
+    image, _ = anomalous_image(4)
+    prediction = loaded.predict(image)
+    assert prediction.pixel_threshold == dense.dense_pixel_threshold_
+    loaded.dense_map = False
+    assert loaded.predict(image).pixel_threshold == dense.pixel_threshold_
+    plain = Detector.load(fitted.save(tmp_path / "plain"))
+    plain.dense_map = True
+    with caplog.at_level(logging.WARNING, logger="normalcy"):
+        assert plain.predict(image).pixel_threshold == fitted.pixel_threshold_
+    assert "fitted without the dense map" in caplog.text
+
+
+def test_abandoning_a_prediction_stream_stops_its_decoding_thread(
+    fitted: Detector, data: dict[str, list[Path]]
+) -> None:
+    before = {t for t in threading.enumerate() if t.name == "normalcy-decode"}
+    stream = fitted.predict_iter(data["good"] * 20)
+    next(stream)
+    stream.close()
+    for _ in range(50):
+        running = {t for t in threading.enumerate() if t.name == "normalcy-decode"} - before
+        if not running:
+            break
+        time.sleep(0.05)
+    assert not running
+
+
+def test_a_decoding_error_of_the_reader_reaches_the_caller() -> None:
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    stream = pipeline.prefetched(broken())
+    assert next(stream) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(stream)

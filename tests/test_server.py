@@ -133,6 +133,19 @@ def test_maps_come_back_as_png_overlay_and_mask(server: Server, dataset: Path) -
     assert set(np.unique(np.asarray(mask))) <= {0, 255}
 
 
+def test_a_large_upload_scores_like_the_library_with_or_without_maps(
+    server: Server, model: Path, dataset: Path, tmp_path: Path
+) -> None:
+    large = tmp_path / "large.png"  # decoded reduced (short side >= 2 x the 64 px input)
+    Image.open(_images(dataset)["bad"][0]).resize((400, 360)).save(large)
+    expected = Detector.load(model).score(large)
+    (plain,) = _post(server, _files(large)).json()["results"]
+    (mapped,) = _post(server, _files(large), params={"maps": 1}).json()["results"]
+    assert plain["score"] == mapped["score"] == pytest.approx(expected[0], rel=1e-5)
+    overlay = Image.open(io.BytesIO(base64.b64decode(mapped["overlay_png"])))
+    assert overlay.size == (400, 360)
+
+
 # ------------------------------------------------------------------------------ bad input
 def test_a_corrupt_image_is_a_400_naming_it_and_the_worker_survives(
     server: Server, dataset: Path

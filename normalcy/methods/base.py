@@ -70,6 +70,12 @@ class GridScorer:
         return [self.score_grid(grid) for grid in grids]
 
 
+def exact_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for sums and statistics that must not lose precision: float64 on the CPU;
+    float32 on accelerators (MPS has no float64, GPUs run it slowly)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
 def as_grid(grid: np.ndarray | torch.Tensor) -> torch.Tensor:
     """A feature grid as a float32 tensor (numpy arrays are wrapped without a copy)."""
     return torch.as_tensor(grid).float()

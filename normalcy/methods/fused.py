@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from normalcy.methods.base import GridScores, as_grid
+from normalcy.methods.base import GridScores, as_grid, exact_dtype
 from normalcy.methods.gaussian import FeatureSums, GaussianScorer
 from normalcy.methods.patchknn import PatchKNN
 
@@ -88,8 +88,9 @@ class KNNGaussianFusion:
         if not hasattr(self, "part_mean_"):
             raise RuntimeError("KNNGaussianFusion is not calibrated: call calibrate() first")
         parts = torch.as_tensor(parts)
-        mean = torch.as_tensor(self.part_mean_, device=parts.device)[:, None, None]
-        std = torch.as_tensor(self.part_std_, device=parts.device)[:, None, None]
+        dtype = exact_dtype(parts.device)
+        mean = torch.as_tensor(self.part_mean_).to(parts.device, dtype)[:, None, None]
+        std = torch.as_tensor(self.part_std_).to(parts.device, dtype)[:, None, None]
         return ((parts - mean) / std).mean(dim=0).float()
 
     def score(self, grid: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from normalcy.methods.base import GridScorer, GridScores, as_grid
+from normalcy.methods.base import GridScorer, GridScores, as_grid, exact_dtype
 
 
 class Moments:
@@ -144,13 +144,12 @@ class GaussianScorer(GridScorer):
             )
 
     def _on(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The fitted arrays as tensors on `device`: float64 on the CPU, as fitted; float32
-        on accelerators, where float64 is slow."""
+        """The fitted arrays as tensors on `device`, in `exact_dtype` (float64 on the CPU, as
+        fitted)."""
         self._tensors = getattr(self, "_tensors", {})
         if str(device) not in self._tensors:
-            dtype = torch.float64 if device.type == "cpu" else torch.float32
             self._tensors[str(device)] = {
-                key: torch.from_numpy(np.asarray(value)).to(device, dtype)
+                key: torch.from_numpy(np.asarray(value)).to(device, exact_dtype(device))
                 for key, value in self.arrays().items()
             }
         return self._tensors[str(device)]

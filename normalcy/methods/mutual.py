@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from normalcy.backbones import resolve_precision
-from normalcy.methods.base import GridScores, as_grid
+from normalcy.methods.base import GridScores, as_grid, exact_dtype
 from normalcy.postprocess import SIGMA_AT_256, image_score, score_map
 
 # Fewer images than this make "what most images look like" meaningless...
@@ -257,7 +257,9 @@ class MutualScorer:
         grids = [as_grid(g) for g in grids]
         precision = resolve_precision(self.precision, grids[0].device)
         dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-        total = [torch.zeros(g.shape[:2], dtype=torch.float64, device=g.device) for g in grids]
+        total = [
+            torch.zeros(g.shape[:2], dtype=exact_dtype(g.device), device=g.device) for g in grids
+        ]
         for members in sub_batches(grids, self.max_peers):
             for size in self.neighbourhoods:
                 patches = [neighbourhood_features(grids[i], size) for i in members]

@@ -103,8 +103,8 @@ class PatchKNN(GridScorer):
 
     def nearest(self, queries: torch.Tensor) -> torch.Tensor:
         """Distance of each of (N, C) queries to its nearest bank patch: (N,), same device."""
-        dims = self.memory_bank_.shape[1] if hasattr(self, "memory_bank_") else None
-        index = self._index(queries.device)
+        index = self._index(queries.device)  # refuses an unfitted method first
+        dims = self.memory_bank_.shape[1]
         if queries.shape[-1] != dims:
             raise ValueError(f"features have {queries.shape[-1]} dims, the bank has {dims}")
         if isinstance(index, faiss.Index):

@@ -23,6 +23,7 @@ from normalcy.data import (
     ImageLoadError,
     ImageTooLargeError,
     LoadedImage,
+    load_image_bytes,
     load_image_bytes_with_size,
 )
 from normalcy.detector import Detector, Prediction
@@ -153,9 +154,11 @@ def create_app(models: dict[str, Detector], settings: ServiceSettings | None = N
             raise fail(404, "model_not_found", f"no model named {name!r}; see GET /v1/models")
         if len(files) > settings.max_files:
             raise fail(413, "too_many_files", f"at most {settings.max_files} images per request")
-        # Decoded at the backbone's reduced size unless an overlay at full size is asked for.
-        min_side = None if maps else models[name].image_size
-        images = [await _decode_upload(upload, settings, fail, min_side) for upload in files]
+        # Scored as predict scores files: decoded reduced to what the backbone needs. The
+        # bytes are kept only to draw overlays at the image's full size.
+        min_side = models[name].image_size
+        uploads = [await _decode_upload(upload, settings, fail, min_side) for upload in files]
+        images = [image for image, _ in uploads]
         start = time.perf_counter()
         try:
             futures = worker.submit(images)
@@ -169,9 +172,12 @@ def create_app(models: dict[str, Detector], settings: ServiceSettings | None = N
             raise fail(500, "scoring_failed", f"scoring failed: {error}") from None
         elapsed_ms = 1000 * (time.perf_counter() - start)
         metrics.scored(name, len(predictions))
-        results = [
-            _result(p, i.image, elapsed_ms, maps) for p, i in zip(predictions, images, strict=True)
-        ]
+        results = await asyncio.to_thread(  # full-size maps and PNGs: off the event loop
+            lambda: [
+                _result(p, data if maps else None, elapsed_ms, settings.max_pixels)
+                for p, (_, data) in zip(predictions, uploads, strict=True)
+            ]
+        )
         return {"model": name, "results": results}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
@@ -206,7 +212,8 @@ def _describe(name: str, detector: Detector) -> dict:
 
 async def _decode_upload(
     upload: UploadFile, settings: ServiceSettings, fail, min_side: int | None = None
-) -> LoadedImage:
+) -> tuple[LoadedImage, bytes]:
+    """The upload decoded (reduced for `min_side`) and its bytes."""
     name = upload.filename or "upload"
     data = await upload.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
@@ -221,14 +228,15 @@ async def _decode_upload(
         raise fail(413, "image_too_large", str(error)) from None
     except ImageLoadError as error:
         raise fail(400, "invalid_image", str(error)) from None
-    return LoadedImage(name, image, size)
+    return LoadedImage(name, image, size), data
 
 
 def _png_base64(array: np.ndarray) -> str:
     return base64.b64encode(encode_png(array)).decode("ascii")
 
 
-def _result(prediction: Prediction, image: np.ndarray, ms: float, maps: bool) -> dict:
+def _result(prediction: Prediction, data: bytes | None, ms: float, max_pixels: int) -> dict:
+    """One image's JSON; with the upload's bytes, also its overlay and mask at full size."""
     result = {
         "name": prediction.name,
         "score": prediction.score,
@@ -236,7 +244,8 @@ def _result(prediction: Prediction, image: np.ndarray, ms: float, maps: bool) ->
         "threshold": prediction.threshold,
         "ms": round(ms, 2),
     }
-    if maps:
+    if data is not None:
+        image = load_image_bytes(data, prediction.name, max_pixels)
         vmax = 2 * prediction.threshold if prediction.threshold else None
         vmax = vmax or float(np.percentile(prediction.anomaly_map, 99.5)) or 1.0
         result["overlay_png"] = _png_base64(
