@@ -154,8 +154,8 @@ def feature_grids(
     forward passes of up to `batch_size`: mixed sizes are bucketed, memory stays bounded."""
     remaining = iter(images)
     while window := list(itertools.islice(remaining, batch_size * WINDOW_BATCHES)):
-        images = [item.image for item in window]
-        yield window, backbone.features(images, dense=dense, batch_size=batch_size)
+        pixels = [item.image for item in window]
+        yield window, backbone.features(pixels, dense=dense, batch_size=batch_size)
 
 
 @dataclass
