@@ -50,7 +50,9 @@ DENSE_MAP_HELP = (
 )
 
 
-def _backbone_options(parser: argparse.ArgumentParser) -> None:
+def _backbone_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, device: bool = True
+) -> None:
     parser.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES))
     parser.add_argument(
         "--image-size", type=int, default=224, help="short side fed to the backbone (px)"
@@ -65,7 +67,8 @@ def _backbone_options(parser: argparse.ArgumentParser) -> None:
         help="arithmetic of the backbone and the nearest-neighbour search; auto: bfloat16 where "
         "the device has bfloat16 instructions (faster there), float32 elsewhere",
     )
-    _device_option(parser)
+    if device:
+        _device_option(parser)
 
 
 def _device_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -515,8 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--report", help="write an HTML report to this file")
     predict.add_argument("--weights", default=None, help="backbone weights file to use")
     zero_shot = predict.add_argument_group("zero-shot feature options")
-    _backbone_options(zero_shot)
+    _backbone_options(zero_shot, device=False)
     _map_options(zero_shot)
+    _device_option(predict)
     _zero_shot_options(predict)
     predict.set_defaults(func=cmd_predict)
 
