@@ -139,12 +139,19 @@ def load_many(
     :func:`load_image`; each :class:`LoadedImage` keeps its original size.
     """
     for index, source in enumerate(sources):
-        name = source_name(source, index)
-        try:
-            image, size = _load(source, name, max_pixels, min_side)
-            yield LoadedImage(name=name, image=image, size=size)
-        except ImageLoadError as err:
-            yield err
+        yield load_one(source, index, max_pixels, min_side)
+
+
+def load_one(
+    source: ImageInput, index: int, max_pixels: int = MAX_PIXELS, min_side: int | None = None
+) -> LoadedImage | ImageLoadError:
+    """The `index`-th input of a batch, loaded as in :func:`load_many`: the image or its error."""
+    name = source_name(source, index)
+    try:
+        image, size = _load(source, name, max_pixels, min_side)
+        return LoadedImage(name=name, image=image, size=size)
+    except ImageLoadError as err:
+        return err
 
 
 def _load(

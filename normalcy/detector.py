@@ -25,13 +25,12 @@ from normalcy.data import (
     ImageLoadError,
     LoadedImage,
     expand_inputs,
-    load_many,
 )
 from normalcy.methods import create_method, method_from_state
 from normalcy.methods.base import GridScores, Method
 from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.methods.mutual import MutualScorer
-from normalcy.pipeline import MapSettings, Pipeline, Prediction, feature_grids, prefetched
+from normalcy.pipeline import MapSettings, Pipeline, Prediction, decoded_ahead, feature_grids
 from normalcy.postprocess import SIGMA_AT_256, threshold_at_fpr
 
 log = logging.getLogger("normalcy")
@@ -231,7 +230,7 @@ class Detector:
         never fatal (`record`: and listed in `skipped_`, once per fit)."""
         bar = tqdm(total=len(sources), desc=what, unit="img", disable=not self.progress)
         self.skipped_: list[str] = getattr(self, "skipped_", [])
-        for item in prefetched(load_many(sources, min_side=self.image_size)):
+        for item in decoded_ahead(sources, self.image_size):
             bar.update()
             if isinstance(item, ImageLoadError):
                 if record:
@@ -410,7 +409,7 @@ class Detector:
 
         def decoded() -> Iterator[LoadedImage]:
             """The readable images, their places noted; errors kept in their places."""
-            for item in prefetched(load_many(sources, min_side=self.image_size)):
+            for item in decoded_ahead(sources, self.image_size):
                 bar.update()
                 if isinstance(item, ImageLoadError):
                     log.warning("skipped %s", item)

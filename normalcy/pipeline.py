@@ -10,9 +10,12 @@ reads `Prediction.anomaly_map` or `Prediction.mask`.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from normalcy.backbones import Backbone
-from normalcy.data import ImageInput, ImageLoadError, LoadedImage, load_many
+from normalcy.data import MAX_PIXELS, ImageInput, ImageLoadError, LoadedImage, load_many, load_one
 from normalcy.methods.base import GridScores, Method
 from normalcy.postprocess import (
     SIGMA_AT_256,
@@ -33,7 +36,7 @@ from normalcy.postprocess import (
 )
 
 T = TypeVar("T")
-PREFETCH = 4  # decoded images kept ready ahead of the backbone
+PREFETCH = 4  # decoded images kept ready ahead of the backbone, per decoding thread
 # Images gathered per bucketing window: those of one input size among them share batches.
 WINDOW_BATCHES = 4
 
@@ -158,6 +161,36 @@ def feature_grids(
         yield window, backbone.features(pixels, dense=dense, batch_size=batch_size)
 
 
+def decode_threads() -> int:
+    """Threads that decode ahead of the backbone: a quarter of the cores, at least one (torch
+    keeps the others for the forward pass); enough to keep a GPU fed from a many-core host."""
+    return max(1, (os.cpu_count() or 1) // 4)
+
+
+def decoded_ahead(
+    sources: Sequence[ImageInput], min_side: int | None, threads: int | None = None
+) -> Iterator[LoadedImage | ImageLoadError]:
+    """`load_many(sources, min_side=...)`, in order, decoded by `threads` threads (default
+    `decode_threads()`) up to `PREFETCH` images each ahead of the consumer; an image that
+    cannot be read comes as its error, in its place. Abandoning the stream cancels the rest."""
+    threads = threads or decode_threads()
+    if threads == 1:
+        yield from prefetched(load_many(sources, min_side=min_side))
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="normalcy-decode") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for index, source in enumerate(sources):
+                pending.append(pool.submit(load_one, source, index, MAX_PIXELS, min_side))
+                if len(pending) >= threads * PREFETCH:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 @dataclass
 class Pipeline:
     """A fitted method behind a backbone: images in, predictions out.
@@ -220,7 +253,7 @@ class Pipeline:
     ) -> Iterator[Prediction | ImageLoadError]:
         """A prediction per source, in order; an unreadable source yields its error in its
         place. Decoding runs ahead in a thread, at the reduced size the backbone needs."""
-        decoded = prefetched(load_many(sources, min_side=self.backbone.image_size))
+        decoded = decoded_ahead(sources, self.backbone.image_size)
         pending: list[LoadedImage] = []
 
         def flush() -> Iterator[Prediction]:

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from normalcy import Detector, Prediction, pipeline
-from normalcy.data import ImageLoadError
+from normalcy.data import ImageLoadError, LoadedImage
 from normalcy.detector import MODEL_FORMAT_VERSION, augmentations, choose_setting
 
 HEIGHT, WIDTH, SQUARE = 80, 96, 16
@@ -843,3 +843,27 @@ def test_a_decoding_error_of_the_reader_reaches_the_caller() -> None:
     assert next(stream) == 1
     with pytest.raises(OSError, match="disk gone"):
         next(stream)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decoding_ahead_keeps_the_order_and_errors_in_place(
+    data: dict[str, list[Path]], tmp_path: Path, threads: int
+) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    sources = [*data["good"], broken, *data["bad"]] * 3
+    names = [
+        item.name if isinstance(item, LoadedImage) else item.source
+        for item in pipeline.decoded_ahead(sources, None, threads)
+    ]
+    assert names == [str(s) for s in sources]
+    errors = [i for i, s in enumerate(sources) if s == broken]
+    decoded = list(pipeline.decoded_ahead(sources, None, threads))
+    assert all(isinstance(decoded[i], ImageLoadError) for i in errors)
+
+
+def test_abandoning_a_pool_of_decoding_threads_stops_them(data: dict[str, list[Path]]) -> None:
+    stream = pipeline.decoded_ahead(data["good"] * 50, None, threads=3)
+    next(stream)
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("normalcy-decode_")]
