@@ -155,8 +155,9 @@ class Backbone(nn.Module):
         pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
         tensor = pixels.permute(2, 0, 1)[None].float()
         size = self.input_size(*image.shape[:2])
-        resized = F.interpolate(tensor / 255.0, size=size, mode="bilinear", antialias=True)
-        return resized[0].clamp_(0, 1)
+        # Scaled to [0, 1] after the resize, on the fewer pixels (resizing is linear).
+        resized = F.interpolate(tensor, size=size, mode="bilinear", antialias=True)
+        return resized[0].div_(255.0).clamp_(0, 1)
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
