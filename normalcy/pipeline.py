@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from normalcy.backbones import Backbone
-from normalcy.data import MAX_PIXELS, ImageInput, ImageLoadError, LoadedImage, load_many, load_one
+from normalcy.data import MAX_PIXELS, ImageInput, ImageLoadError, LoadedImage, load_one
 from normalcy.methods.base import GridScores, Method
 from normalcy.postprocess import (
     SIGMA_AT_256,
@@ -35,7 +33,6 @@ from normalcy.postprocess import (
     score_map,
 )
 
-T = TypeVar("T")
 PREFETCH = 4  # decoded images kept ready ahead of the backbone, per decoding thread
 # Images gathered per bucketing window: those of one input size among them share batches.
 WINDOW_BATCHES = 4
@@ -109,46 +106,6 @@ class Prediction:
         }
 
 
-def prefetched(items: Iterable[T], depth: int = PREFETCH) -> Iterator[T]:
-    """`items` produced by a background thread up to `depth` ahead, so decoding overlaps the
-    forward pass (decoders and torch release the GIL). Stops the thread if abandoned."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def hand_over(entry: tuple) -> bool:
-        """Queue `entry` unless the consumer has gone; whether it was queued."""
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not hand_over((item, None)):
-                    return
-            hand_over((done, None))
-        except BaseException as error:  # handed to the consumer, raised there
-            hand_over((done, error))
-
-    thread = threading.Thread(target=produce, daemon=True, name="normalcy-decode")
-    thread.start()
-    try:
-        while True:
-            item, error = ready.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
-
-
 def feature_grids(
     backbone: Backbone, images: Iterable[LoadedImage], batch_size: int, dense: bool = False
 ) -> Iterator[tuple[list[LoadedImage], list[torch.Tensor]]]:
@@ -171,12 +128,10 @@ def decoded_ahead(
     sources: Sequence[ImageInput], min_side: int | None, threads: int | None = None
 ) -> Iterator[LoadedImage | ImageLoadError]:
     """`load_many(sources, min_side=...)`, in order, decoded by `threads` threads (default
-    `decode_threads()`) up to `PREFETCH` images each ahead of the consumer; an image that
-    cannot be read comes as its error, in its place. Abandoning the stream cancels the rest."""
+    `decode_threads()`) up to `PREFETCH` images each ahead of the consumer, so decoding
+    overlaps the forward pass (decoders and torch release the GIL); an image that cannot be
+    read comes as its error, in its place. Abandoning the stream cancels the rest."""
     threads = threads or decode_threads()
-    if threads == 1:
-        yield from prefetched(load_many(sources, min_side=min_side))
-        return
     with ThreadPoolExecutor(threads, thread_name_prefix="normalcy-decode") as pool:
         pending: deque[Future] = deque()
         try:

@@ -822,25 +822,34 @@ def test_fitting_with_the_dense_map_sets_its_own_mask_level_and_saves_it(
 def test_abandoning_a_prediction_stream_stops_its_decoding_thread(
     fitted: Detector, data: dict[str, list[Path]]
 ) -> None:
-    before = {t for t in threading.enumerate() if t.name == "normalcy-decode"}
+    def decoding() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("normalcy-decode")}
+
+    before = decoding()
     stream = fitted.predict_iter(data["good"] * 20)
     next(stream)
     stream.close()
     for _ in range(50):
-        running = {t for t in threading.enumerate() if t.name == "normalcy-decode"} - before
+        running = decoding() - before
         if not running:
             break
         time.sleep(0.05)
     assert not running
 
 
-def test_a_decoding_error_of_the_reader_reaches_the_caller() -> None:
-    def broken():
-        yield 1
-        raise OSError("disk gone")
+def test_a_decoding_error_of_the_reader_reaches_the_caller(
+    data: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load_one = pipeline.load_one
 
-    stream = pipeline.prefetched(broken())
-    assert next(stream) == 1
+    def broken(source, index, *args):
+        if index == 1:
+            raise OSError("disk gone")
+        return load_one(source, index, *args)
+
+    monkeypatch.setattr(pipeline, "load_one", broken)
+    stream = pipeline.decoded_ahead(data["good"], None, threads=1)
+    assert isinstance(next(stream), LoadedImage)
     with pytest.raises(OSError, match="disk gone"):
         next(stream)
 
