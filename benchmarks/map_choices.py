@@ -35,7 +35,7 @@ from normalcy import Detector
 from normalcy.data import find_categories, link_subsample, load_many, load_mask
 from normalcy.metrics import aupro, image_auroc, pixel_auroc
 from normalcy.pipeline import MapSettings
-from normalcy.postprocess import UPSAMPLING, anomaly_map, image_score, resize_map
+from normalcy.postprocess import UPSAMPLING, anomaly_map, image_score, ranking_score, resize_map
 
 # name -> (backbone passes, grid, upsampling)
 CHOICES = {
@@ -83,7 +83,6 @@ def main() -> int:
         maps: dict[str, list[np.ndarray]] = {name: [] for name in CHOICES}
         masks = []
         backbone, method = detector.backbone_, detector.method_
-        settings = MapSettings(detector.sigma, detector.closing)
         upsampled = {
             mode: MapSettings(detector.sigma, detector.closing, mode) for mode in UPSAMPLING
         }
@@ -95,7 +94,7 @@ def main() -> int:
             plain = dense[::2, ::2]
             size = item.size
             labels.append(sample.label)
-            fixed_scale.append(image_score(settings.ranking_map(plain)))
+            fixed_scale.append(ranking_score(plain, detector.sigma))
             full_size.append(image_score(anomaly_map(plain, size, detector.sigma)))
             grids = {"plain": plain, "diagonal": diagonal_grid(dense), "dense": dense}
             for name, (_, grid, mode) in CHOICES.items():

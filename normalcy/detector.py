@@ -192,31 +192,33 @@ class Detector:
 
     def _pipeline(self, method: Method | None = None, dense: bool | None = None) -> Pipeline:
         """The predict path for `method` (by default the fitted one) with this detector's
-        settings and thresholds."""
+        settings and thresholds. The dense map's masks use its own level where the fit set
+        one, else the plain map's (a little larger masks)."""
+        dense = self.dense_map if dense is None else dense
+        plain_level = getattr(self, "pixel_threshold_", None)
+        dense_level = getattr(self, "dense_pixel_threshold_", None)
         return Pipeline(
             backbone=self._backbone(),
             method=self.method_ if method is None else method,
             maps=MapSettings(self.sigma, self.closing, self.upsample),
-            dense=self.dense_map if dense is None else dense,
+            dense=dense,
             batch_size=self.batch_size,
             threshold=getattr(self, "threshold_", None),
-            pixel_threshold=self._pixel_threshold(self.dense_map if dense is None else dense),
+            pixel_threshold=dense_level if dense and dense_level is not None else plain_level,
         )
 
-    def _pixel_threshold(self, dense: bool) -> float | None:
-        """The mask level for plain or dense maps; a model fitted without the dense map has
-        none of its own for it, and uses the plain one (masks then a little larger)."""
-        plain = getattr(self, "pixel_threshold_", None)
-        if not dense:
-            return plain
-        own = getattr(self, "dense_pixel_threshold_", None)
-        if own is None and plain is not None and not getattr(self, "_warned_dense", False):
+    def _predictor(self) -> Pipeline:
+        """The fitted detector's predict path; says once when its dense-map masks borrow the
+        plain map's level."""
+        self._check_fitted()
+        borrowed = self.dense_map and getattr(self, "dense_pixel_threshold_", None) is None
+        if borrowed and self.pixel_threshold_ is not None and not getattr(self, "_warned", False):
             log.warning(
                 "this model was fitted without the dense map: its masks use the plain map's "
                 "level, set on held-out normal images (fit with --dense-map to set their own)"
             )
-            self._warned_dense = True
-        return plain if own is None else own
+            self._warned = True
+        return self._pipeline()
 
     def _grids(self, images: Iterable[LoadedImage]) -> Iterator[torch.Tensor]:
         """Plain feature grids, computed a batch at a time so memory stays bounded."""
@@ -304,7 +306,7 @@ class Detector:
                 raise self._unreadable_error()
             self.method_.fit(self._bank_grids(itertools.chain([first], bank_images), few_shot))
             held_scores = self.method_.score_held_out(self._grids(self._loaded(held, "hold-out")))
-            normal = [self._normal_result(self.method_, scores) for scores in held_scores]
+            normal = self._normal_results(self.method_, held_scores)
             dense_peaks = self._dense_peaks(self.method_, self._loaded(held, "dense maps", False))
         else:
             references = list(self._loaded(sources, "fit"))
@@ -316,27 +318,21 @@ class Detector:
         self._set_thresholds(normal, dense_peaks)
         return self
 
-    def _normal_result(self, method: Method, scores: GridScores) -> tuple[float, float]:
-        """Image score and map peak of a normal image that no bank has seen."""
-        prediction = self._pipeline(method, dense=False).prediction("", (1, 1), scores)
-        return prediction.score, float(prediction.score_map.max())
+    def _normal_results(
+        self, method: Method, scores: Iterable[GridScores]
+    ) -> list[tuple[float, float]]:
+        """Image score and map peak of each normal image that no bank has seen."""
+        pipeline = self._pipeline(method, dense=False)
+        predictions = (pipeline.prediction("", (1, 1), s) for s in scores)
+        return [(p.score, float(p.score_map.max())) for p in predictions]
 
     def _dense_peaks(self, method: Method, images: Iterable[LoadedImage]) -> list[float]:
         """Dense-map peaks of held-out normal images, when fitting with the dense map (their
         own mask level: the finer map reaches higher on normal texture too)."""
         if not self.dense_map:
             return []
-        pipeline = self._pipeline(method, dense=True)
-        peaks = []
-        for _, grids in feature_grids(self._backbone(), images, self.batch_size, dense=True):
-            for plain, dense in zip(
-                method.score_batch([g[::2, ::2] for g in grids]),
-                method.score_batch(grids),
-                strict=True,
-            ):
-                prediction = pipeline.prediction("", (1, 1), plain, dense.patches)
-                peaks.append(float(prediction.score_map.max()))
-        return peaks
+        predictions = self._pipeline(method, dense=True).predict_images(images)
+        return [float(p.score_map.max()) for p in predictions]
 
     def _unreadable_error(self) -> ValueError:
         return ValueError("none of the normal images could be read: " + "; ".join(self.skipped_))
@@ -357,8 +353,7 @@ class Detector:
             except ValueError as error:  # e.g. too few images left for a Gaussian
                 log.warning("no leave-one-out score for %s: %s", reference.name, error)
                 continue
-            (scores,) = method.score_batch([grids[i][0]])
-            results.append(self._normal_result(method, scores))
+            results += self._normal_results(method, method.score_batch([grids[i][0]]))
             dense_peaks += self._dense_peaks(method, [reference])
         return results, dense_peaks
 
@@ -439,8 +434,7 @@ class Detector:
 
     def predict_images(self, images: Iterable[LoadedImage]) -> Iterator[Prediction]:
         """Predictions for already decoded images, in order."""
-        self._check_fitted()
-        return self._pipeline().predict_images(images)
+        return self._predictor().predict_images(images)
 
     def predict_iter(
         self, inputs: ImageInput | Sequence[ImageInput]
@@ -450,10 +444,10 @@ class Detector:
         Only scores and decisions are computed here; a prediction's `anomaly_map` and `mask`
         are made when first read.
         """
-        self._check_fitted()
+        pipeline = self._predictor()
         sources = expand_inputs(inputs)
         bar = tqdm(total=len(sources), desc="predict", unit="img", disable=not self.progress)
-        yield from self._pipeline().predict(sources, on_image=bar.update)
+        yield from pipeline.predict(sources, on_image=bar.update)
         bar.close()
 
     def predict(self, x: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction]:

@@ -28,7 +28,7 @@ from normalcy.postprocess import (
     SIGMA_AT_256,
     UPSAMPLING,
     fill_gaps,
-    image_score,
+    ranking_score,
     resize_map,
     score_map,
 )
@@ -50,11 +50,6 @@ class MapSettings:
     def __post_init__(self) -> None:
         if self.upsample not in UPSAMPLING:
             raise ValueError(f"upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
-
-    def ranking_map(self, ranking: torch.Tensor) -> torch.Tensor:
-        """The map whose top 1% is the image score: without gap filling (filling raises the
-        busy texture of normal images too, blurring the ranking)."""
-        return score_map(ranking, self.sigma)
 
     def shown_map(self, patches: torch.Tensor, dense: bool) -> torch.Tensor:
         """The map users see, at the fixed scale: gaps filled over `closing` patches (the
@@ -167,7 +162,7 @@ class Pipeline:
         if scores.image is not None:
             return scores.image
         ranking = scores.patches if scores.ranking is None else scores.ranking
-        return image_score(self.maps.ranking_map(ranking))
+        return ranking_score(ranking, self.maps.sigma)
 
     def prediction(
         self,

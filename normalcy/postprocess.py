@@ -24,7 +24,7 @@ GAUSSIAN_TRUNCATE = 3.0  # kernel radius in sigmas
 
 
 def _as_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values) if not torch.is_tensor(values) else values).float()
+    return torch.as_tensor(values).float()
 
 
 def gaussian_smooth(image: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -123,6 +123,13 @@ def image_score(
     values = _as_tensor(anomaly_map).flatten()
     k = max(1, int(round(values.numel() * top_fraction)))
     return values.topk(k).values.mean().item()
+
+
+def ranking_score(patch_scores: np.ndarray | torch.Tensor, sigma: float) -> float:
+    """The image score of patch scores: the top of their bilinear map at the fixed scale, made
+    without gap filling (filling raises the busy texture of normal images too, blurring the
+    ranking)."""
+    return image_score(score_map(patch_scores, sigma))
 
 
 def threshold_at_fpr(normal_scores: np.ndarray, fpr: float) -> float:

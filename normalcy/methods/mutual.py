@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from normalcy.backbones import resolve_precision
 from normalcy.methods.base import GridScores, as_grid, exact_dtype
-from normalcy.postprocess import SIGMA_AT_256, image_score, score_map
+from normalcy.postprocess import SIGMA_AT_256, ranking_score
 
 # Fewer images than this make "what most images look like" meaningless...
 MIN_BATCH = 3
@@ -233,7 +233,7 @@ class MutualScorer:
         patches = self.patch_scores(grids, on_block)
         if not self.rescore_neighbours:
             return [GridScores(p) for p in patches]
-        ranked = np.array([image_score(score_map(p, self.sigma)) for p in patches])
+        ranked = np.array([ranking_score(p, self.sigma) for p in patches])
         images = self.rescore(ranked, grids)
         return [GridScores(p, image=float(i)) for p, i in zip(patches, images, strict=True)]
 
