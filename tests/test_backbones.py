@@ -14,6 +14,7 @@ from torch import nn
 
 from normalcy.backbones import (
     BACKBONES,
+    MAX_ASPECT,
     Backbone,
     aggregate,
     create_backbone,
@@ -70,7 +71,8 @@ def test_input_size_keeps_the_aspect_ratio_within_half_a_stride() -> None:
     for height, width in rng.integers(20, 3000, (200, 2)):
         out_h, out_w = backbone.input_size(int(height), int(width))
         assert out_h % stride == 0 and out_w % stride == 0
-        scale = image_size / min(height, width)
+        # the short side at image_size, the long side held at MAX_ASPECT times it
+        scale = min(image_size / min(height, width), MAX_ASPECT * image_size / max(height, width))
         assert abs(out_h - height * scale) <= stride / 2
         assert abs(out_w - width * scale) <= stride / 2
 
@@ -357,3 +359,10 @@ def test_the_cnn_runs_channels_last_with_the_same_features() -> None:
     images = [_image(64, 80, seed=3), _image(64, 80, seed=4)]
     for a, b in zip(fast.features(images), plain.features(images), strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+
+
+def test_an_extreme_aspect_ratio_is_held_to_a_bounded_input() -> None:
+    backbone = Backbone("fake", _Pyramid(), stride=16, image_size=64, pool=1, layers=(0,))
+    assert backbone.input_size(5, 40_000) == (16, 64 * MAX_ASPECT)
+    assert backbone.input_size(40_000, 5) == (64 * MAX_ASPECT, 16)
+    assert backbone.input_size(64, 64 * MAX_ASPECT) == (64, 64 * MAX_ASPECT)  # up to it: as before

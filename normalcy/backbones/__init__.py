@@ -42,6 +42,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # "auto": bfloat16 where the device multiplies it in hardware, else float32.
 PRECISIONS = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# The backbone input's long side is at most this many times `image_size`: it bounds the cost of
+# an image, whatever its aspect ratio.
+MAX_ASPECT = 8
 
 
 def native_bfloat16() -> bool:
@@ -138,8 +141,13 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
-        """Network input (height, width) for an image of the given size."""
-        scale = self.image_size / min(height, width)
+        """Network input (height, width) for an image of the given size: the short side at
+        `image_size`, unless the long side would then pass `MAX_ASPECT` times that, in which
+        case the long side is held there (so a 5 x 40000 strip costs what a 224 x 1792 input
+        does, not 224 x 1.8 million)."""
+        scale = min(
+            self.image_size / min(height, width), MAX_ASPECT * self.image_size / max(height, width)
+        )
         return tuple(  # type: ignore[return-value]
             max(self.stride, round(side * scale / self.stride) * self.stride)
             for side in (height, width)
