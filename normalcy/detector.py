@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from normalcy import __version__
-from normalcy.backbones import Backbone, create_backbone, resolve_device, resolve_precision
+from normalcy.backbones import (
+    MAX_IMAGE_SIZE,
+    Backbone,
+    create_backbone,
+    resolve_device,
+    resolve_precision,
+)
 from normalcy.data import (
     ImageInput,
     ImageLoadError,
@@ -30,13 +32,18 @@ from normalcy.methods import create_method, method_from_state
 from normalcy.methods.base import GridScores, Method
 from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.methods.mutual import MutualScorer
+from normalcy.modelfile import (
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
+    ModelFileError,
+    read_model,
+    save_model,
+)
 from normalcy.pipeline import MapSettings, Pipeline, Prediction, decoded_ahead, feature_grids
 from normalcy.postprocess import SIGMA_AT_256, threshold_at_fpr
 
 log = logging.getLogger("normalcy")
 
-MODEL_FORMAT = "normalcy-model"
-MODEL_FORMAT_VERSION = 1
 # Below this many normal images, hold out by leave-one-out rather than a fixed split.
 MIN_IMAGES_FOR_HOLDOUT = 10
 HOLDOUT_EVERY = 10  # every 10th normal image (by sorted name) is held out for the threshold
@@ -130,6 +137,8 @@ class Detector:
         low_variance_fraction: float | None = None,
         device: str = "auto",
     ) -> None:
+        if not 1 <= image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be from 1 to {MAX_IMAGE_SIZE}, got {image_size}")
         if shots is not None and shots < 1:
             raise ValueError(f"shots must be at least 1, got {shots}")
         if not 0 <= fpr < 1:
@@ -505,34 +514,11 @@ class Detector:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model directory atomically: config.json + method.safetensors."""
+        """Write the model folder (see `modelfile`: atomic, never absent, user files kept)."""
         self._check_fitted()
-        target = Path(path)
-        if target.exists() and not _replaceable(target):
-            raise FileExistsError(
-                f"{target} exists and is not a normalcy model; refusing to replace it. "
-                "Choose an empty or new folder."
-            )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; a model is shared data
-        try:
-            arrays = dict(self.method_.arrays())
-            arrays["normal_scores"] = np.asarray(self.normal_scores_, dtype=np.float64)
-            save_file(arrays, str(staging / "method.safetensors"))
-            (staging / "config.json").write_text(json.dumps(self._config(), indent=2) + "\n")
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(staging, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+        arrays = dict(self.method_.arrays())
+        arrays["normal_scores"] = np.asarray(self.normal_scores_, dtype=np.float64)
+        return save_model(path, self._config(), arrays)
 
     @classmethod
     def load(
@@ -541,60 +527,42 @@ class Detector:
         weights: str | os.PathLike | None = None,
         device: str = "auto",
     ) -> Detector:
-        """A saved detector on `device` (any device, whichever it was fitted on); refuses
-        models from an incompatible format with a clear message."""
-        folder = Path(path)
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{folder} is not a normalcy model: no config.json in it")
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_file}: not valid JSON ({error})") from error
-        if config.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{config_file}: not a normalcy model config")
-        version = config.get("format_version")
-        if version != MODEL_FORMAT_VERSION:
-            raise ValueError(
-                f"{folder} was saved by normalcy {config.get('normalcy_version')} in model format "
-                f"{version}; this normalcy {__version__} reads format {MODEL_FORMAT_VERSION}. "
-                "Use a matching normalcy version or fit the model again."
-            )
+        """A saved detector on `device` (any device, whichever it was fitted on). Every file
+        is validated first; a problem raises `ModelFileError` naming the file."""
+        config, arrays, arrays_file = read_model(path)
         backbone = config["backbone"]
         method = config["method"]
         params = method["params"]
-        detector = cls(
-            backbone=backbone["name"],
-            method=method["name"],
-            coreset_ratio=params.get("coreset_ratio", 0.1),
-            max_bank_size=params.get("max_bank_size", 10_000),
-            seed=params.get("seed", 0),
-            image_size=backbone["image_size"],
-            layers=backbone["layers"],
-            shots=config["shots"],
-            augment=config["augment"],
-            fpr=config["fpr"],
-            sigma=config["sigma"],
-            weights=weights,
-            context=backbone.get("context", 0.0),  # saved before the option existed: none
-            dense_map=config.get("dense_map", False),
-            closing=config.get("closing", 1),  # saved before the option existed: none
-            upsample=config.get("upsample", "bilinear"),  # saved before it existed: bilinear
-            # Saved before the option existed: fitted in float32, so scores stay the same.
-            precision=backbone.get("precision", "float32"),
-            low_variance_fraction=params.get("low_variance_fraction"),
-            device=device,
-        )
-        arrays = load_file(str(folder / "method.safetensors"))
-        detector.method_ = method_from_state(method["name"], method["params"], arrays)
+        try:
+            detector = cls(
+                backbone=backbone["name"],
+                method=method["name"],
+                coreset_ratio=params.get("coreset_ratio", 0.1),
+                max_bank_size=params.get("max_bank_size", 10_000),
+                seed=params.get("seed", 0),
+                image_size=backbone["image_size"],
+                layers=backbone["layers"],
+                shots=config["shots"],
+                augment=config["augment"],
+                fpr=config["fpr"],
+                sigma=config["sigma"],
+                weights=weights,
+                context=backbone["context"],
+                dense_map=config["dense_map"],
+                closing=config["closing"],
+                upsample=config["upsample"],
+                precision=backbone["precision"],
+                low_variance_fraction=params.get("low_variance_fraction"),
+                device=device,
+            )
+            detector.method_ = method_from_state(method["name"], params, arrays)
+        except (TypeError, ValueError) as error:
+            raise ModelFileError(arrays_file, str(error)) from None
         detector.normal_scores_ = arrays.get("normal_scores", np.zeros(0))
         detector.threshold_ = config["threshold"]
         detector.threshold_source_ = config["threshold_source"]
         detector.pixel_threshold_ = config["pixel_threshold"]
-        # Saved before it had its own: a model fitted with the dense map set its one level on it.
-        detector.dense_pixel_threshold_ = config.get(
-            "dense_pixel_threshold", config["pixel_threshold"] if config.get("dense_map") else None
-        )
+        detector.dense_pixel_threshold_ = config["dense_pixel_threshold"]
         detector.n_train_ = config["n_train"]
         detector.normalcy_version_ = config.get("normalcy_version")
         detector.backbone_ = create_backbone(
@@ -609,8 +577,15 @@ class Detector:
         )
         if weights_fingerprint(detector.backbone_) != backbone["weights_fingerprint"]:
             raise ValueError(
-                f"{folder} was fitted with other {backbone['name']} weights than the ones found "
+                f"{path} was fitted with other {backbone['name']} weights than the ones found "
                 "now; its memory bank would not match these features. Pass the original weights."
+            )
+        expected = detector.method_.n_features_in_
+        if expected is not None and expected != detector.backbone_.feature_dims():
+            raise ModelFileError(
+                arrays_file,
+                f"holds {expected}-dim features; {backbone['name']} with this config gives "
+                f"{detector.backbone_.feature_dims()}",
             )
         return detector
 
@@ -618,18 +593,6 @@ class Detector:
         """Fix the image-score threshold (for example from a user's choice)."""
         self.threshold_ = float(threshold)
         self.threshold_source_ = "user"
-
-
-def _replaceable(folder: Path) -> bool:
-    """An empty folder or a saved model may be overwritten; anything else is user data."""
-    if not folder.is_dir():
-        return False
-    if not any(folder.iterdir()):
-        return True
-    try:
-        return json.loads((folder / "config.json").read_text()).get("format") == MODEL_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def weights_fingerprint(backbone: Backbone) -> str:

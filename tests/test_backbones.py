@@ -15,6 +15,7 @@ from torch import nn
 from normalcy.backbones import (
     BACKBONES,
     MAX_ASPECT,
+    MAX_IMAGE_SIZE,
     Backbone,
     aggregate,
     create_backbone,
@@ -77,9 +78,10 @@ def test_input_size_keeps_the_aspect_ratio_within_half_a_stride() -> None:
         assert abs(out_w - width * scale) <= stride / 2
 
 
-def test_image_size_below_the_stride_is_rejected() -> None:
-    with pytest.raises(ValueError, match="at least 16"):
-        Backbone("fake", _Pyramid(), stride=16, image_size=8, pool=1, layers=(0,))
+@pytest.mark.parametrize("image_size", [8, MAX_IMAGE_SIZE + 1])
+def test_an_image_size_below_the_stride_or_above_the_maximum_is_rejected(image_size: int) -> None:
+    with pytest.raises(ValueError, match=f"from 16 to {MAX_IMAGE_SIZE}"):
+        Backbone("fake", _Pyramid(), stride=16, image_size=image_size, pool=1, layers=(0,))
 
 
 # --- preprocessing -------------------------------------------------------------------------------

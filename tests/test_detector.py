@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from normalcy import Detector, Prediction, pipeline
 from normalcy.data import ImageLoadError, LoadedImage
-from normalcy.detector import MODEL_FORMAT_VERSION, augmentations, choose_setting
+from normalcy.detector import augmentations, choose_setting
+from normalcy.modelfile import MODEL_FORMAT_VERSION, ModelFileError
 
 HEIGHT, WIDTH, SQUARE = 80, 96, 16
 OPTIONS = {"backbone": "efficientnet_lite0", "image_size": 64}
@@ -469,20 +470,25 @@ def test_an_unknown_precision_is_refused_before_fitting() -> None:
         Detector(precision="half")
 
 
+def test_an_image_size_beyond_the_maximum_is_refused_before_a_fit() -> None:
+    with pytest.raises(ValueError, match="image_size must be from 1 to 2048, got 100000"):
+        Detector(image_size=100000)
+
+
 def test_a_closing_narrower_than_one_patch_is_refused() -> None:
     with pytest.raises(ValueError, match="closing must be at least 1"):
         Detector(closing=0)
 
 
 def test_saved_model_is_config_json_and_safetensors_only(saved: Path) -> None:
-    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "method.safetensors"]
     config = json.loads((saved / "config.json").read_text())
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", config["arrays"]]
     assert config["format"] == "normalcy-model"
     assert config["format_version"] == MODEL_FORMAT_VERSION
     assert config["backbone"]["name"] == "efficientnet_lite0"
     assert config["backbone"]["image_size"] == 64
     assert config["method"]["name"] == "patchknn"
-    raw = (saved / "method.safetensors").read_bytes()
+    raw = (saved / config["arrays"]).read_bytes()
     header_length = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + header_length])  # the safetensors layout
     assert set(header) - {"__metadata__"} == {"memory_bank", "normal_scores"}
@@ -503,7 +509,7 @@ def test_loading_never_unpickles(saved: Path, monkeypatch: pytest.MonkeyPatch) -
     assert detector.predict(normal_image(3)).score > 0
 
 
-def test_saving_over_a_model_leaves_no_temporary_folders(
+def test_saving_over_a_model_leaves_no_temporary_folders_and_one_previous_arrays_file(
     data: dict[str, list[Path]], tmp_path: Path
 ) -> None:
     detector = Detector(**OPTIONS).fit(data["train"][:12])
@@ -512,8 +518,10 @@ def test_saving_over_a_model_leaves_no_temporary_folders(
     detector.set_threshold(42.0)
     assert detector.save(target) == target
     assert [p.name for p in target.parent.iterdir()] == ["part-a"]
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "method.safetensors"]
-    assert json.loads((target / "config.json").read_text())["threshold"] == 42.0
+    config = json.loads((target / "config.json").read_text())
+    assert config["threshold"] == 42.0
+    files = sorted(p.name for p in target.iterdir())
+    assert len(files) == 3 and "config.json" in files and config["arrays"] in files
     assert Detector.load(target).threshold_ == 42.0
 
 
@@ -547,7 +555,7 @@ def test_another_format_version_is_refused_naming_both(saved: Path, tmp_path: Pa
 
 
 def test_a_folder_without_config_is_not_a_model(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ModelFileError, match="no config.json"):
         Detector.load(tmp_path)
 
 

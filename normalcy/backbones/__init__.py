@@ -45,6 +45,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # The backbone input's long side is at most this many times `image_size`: it bounds the cost of
 # an image, whatever its aspect ratio.
 MAX_ASPECT = 8
+# The largest input short side: above it one image's attention and feature maps take
+# gigabytes (inspect finer detail by tiling instead).
+MAX_IMAGE_SIZE = 2048
 
 
 def native_bfloat16() -> bool:
@@ -122,8 +125,10 @@ class Backbone(nn.Module):
         super().__init__()
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
-        if image_size < stride:
-            raise ValueError(f"image_size must be at least {stride} for {name}, got {image_size}")
+        if not stride <= image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size must be from {stride} to {MAX_IMAGE_SIZE} for {name}, got {image_size}"
+            )
         self.name = name
         self.network = network.eval().requires_grad_(False)
         # Convolutional networks run faster on channels-last tensors (EfficientNet-Lite0 at
@@ -156,6 +161,12 @@ class Backbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.mean.device
+
+    def feature_dims(self) -> int:
+        """Channels C of the (h, w, C) feature grids, from one pass of a small blank input."""
+        side = max(64, 8 * self.stride)
+        blank = torch.zeros(1, 3, side, side, device=self.device)
+        return int(aggregate(self(blank), self.pool, self.context).shape[1])
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(3, H, W) float tensor in [0, 1] on the backbone's device, resized to the network

@@ -49,6 +49,11 @@ class Method(Protocol):
 
     def get_params(self) -> dict[str, Any]: ...
 
+    @property
+    def n_features_in_(self) -> int | None:
+        """Feature dimensions a fitted method scores (None: any, as zero-shot scoring)."""
+        ...
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Fitted state to save."""
         ...
@@ -68,6 +73,19 @@ class GridScorer:
 
     def score_held_out(self, grids: Iterable[torch.Tensor]) -> list[GridScores]:
         return [self.score_grid(grid) for grid in grids]
+
+
+def fitted_array(arrays: dict[str, np.ndarray], key: str, ndim: int) -> np.ndarray:
+    """`arrays[key]`, checked to be a saved array of `ndim` dimensions with no empty one;
+    a ValueError names what is wrong (the model loader adds the file)."""
+    if key not in arrays:
+        raise ValueError(f"array {key!r} is missing")
+    array = np.asarray(arrays[key])
+    if array.ndim != ndim or 0 in array.shape:
+        raise ValueError(
+            f"array {key!r} has shape {array.shape}; expected {ndim} non-empty dimensions"
+        )
+    return array
 
 
 def exact_dtype(device: torch.device) -> torch.dtype:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from normalcy.methods.base import GridScores, as_grid, exact_dtype
+from normalcy.methods.base import GridScores, as_grid, exact_dtype, fitted_array
 from normalcy.methods.gaussian import FeatureSums, GaussianScorer
 from normalcy.methods.patchknn import PatchKNN
 
@@ -126,6 +126,13 @@ class KNNGaussianFusion:
         method.gaussian_ = GaussianScorer.from_state(
             {}, {key: arrays[f"gaussian_{key}"] for key in GAUSSIAN_KEYS}
         )
-        method.part_mean_ = np.asarray(arrays["part_mean"], dtype=np.float64)
-        method.part_std_ = np.asarray(arrays["part_std"], dtype=np.float64)
+        method.part_mean_ = fitted_array(arrays, "part_mean", 1).astype(np.float64)
+        method.part_std_ = fitted_array(arrays, "part_std", 1).astype(np.float64)
+        if method.part_std_.shape != method.part_mean_.shape or (method.part_std_ <= 0).any():
+            raise ValueError("arrays 'part_mean' and 'part_std' do not describe the same parts")
         return method
+
+    @property
+    def n_features_in_(self) -> int:
+        """Feature dimensions the fitted method expects (those of its memory bank)."""
+        return self.knn_.n_features_in_

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from normalcy.methods.base import GridScorer, GridScores, as_grid, exact_dtype
+from normalcy.methods.base import GridScorer, GridScores, as_grid, exact_dtype, fitted_array
 
 
 class Moments:
@@ -190,7 +190,20 @@ class GaussianScorer(GridScorer):
     @classmethod
     def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> GaussianScorer:
         method = cls(**params)
-        for key in ("image_mean", "image_whitening", "patch_mean", "patch_whitening"):
-            setattr(method, key + "_", np.asarray(arrays[key], dtype=np.float64))
+        for part in ("image", "patch"):
+            mean = fitted_array(arrays, f"{part}_mean", 1)
+            whitening = fitted_array(arrays, f"{part}_whitening", 2)
+            if whitening.shape[0] != mean.shape[0]:
+                raise ValueError(
+                    f"array '{part}_whitening' has {whitening.shape[0]} rows for "
+                    f"{mean.shape[0]}-dim features"
+                )
+            setattr(method, f"{part}_mean_", mean.astype(np.float64))
+            setattr(method, f"{part}_whitening_", whitening.astype(np.float64))
         method._tensors = {}
         return method
+
+    @property
+    def n_features_in_(self) -> int:
+        """Feature dimensions the fitted Gaussian expects."""
+        return int(self.patch_mean_.shape[0])

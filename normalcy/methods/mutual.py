@@ -225,6 +225,11 @@ class MutualScorer:
     def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> MutualScorer:
         return cls(**params)
 
+    @property
+    def n_features_in_(self) -> None:
+        """Any: a batch is scored against itself."""
+        return None
+
     def score_batch(
         self, grids: Sequence[torch.Tensor], on_block: Callable[[], None] | None = None
     ) -> list[GridScores]:

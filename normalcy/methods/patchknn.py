@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from normalcy.backbones import resolve_precision
-from normalcy.methods.base import GridScorer, GridScores, as_grid
+from normalcy.methods.base import GridScorer, GridScores, as_grid, fitted_array
 from normalcy.methods.coreset import StreamingCoreset
 
 # bfloat16 search: each patch's nearest bank patches by bfloat16 products, re-measured in
@@ -141,10 +141,16 @@ class PatchKNN(GridScorer):
         """Fitted state to save."""
         return {"memory_bank": self.memory_bank_}
 
+    @property
+    def n_features_in_(self) -> int:
+        """Feature dimensions of the memory bank, which scored grids must have."""
+        return int(self.memory_bank_.shape[1])
+
     @classmethod
     def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> PatchKNN:
         method = cls(**params)
-        method.memory_bank_ = np.ascontiguousarray(arrays["memory_bank"], dtype=np.float32)
+        bank = fitted_array(arrays, "memory_bank", 2)
+        method.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)
         method.n_patches_seen_ = None
         method._indexes = {}
         return method
