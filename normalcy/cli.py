@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from normalcy import __version__
 from normalcy.backbones import BACKBONES, DEVICES, PRECISIONS
-from normalcy.data import ImageLoadError, TestSample, expand_inputs, load_image
+from normalcy.data import ImageLoadError, TestSample, expand_inputs, load_image, probe_image
 from normalcy.detector import (
     FUSED,
     MUTUAL,
@@ -33,6 +34,7 @@ from normalcy.report import ReportImage, write_report
 from normalcy.visualize import overlay, save_png, thumbnail, write_atomic
 
 EXIT_SOME_SKIPPED = 3  # predict: some inputs could not be read; the others were scored
+RESULTS_EVERY_S = 2.0  # predict -o rewrites results.json at most this often while it runs
 REPORT_SIDE = 256
 EVAL_ALL = ["patchknn", "gaussian", FUSED, MUTUAL]  # what `eval --method all` compares
 METHOD_HELP = (
@@ -190,29 +192,37 @@ def _make_detector(args: argparse.Namespace, method: str | None = None, **extra)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    try:
+        sources = expand_inputs(args.train_dir)
+    except ValueError as error:
+        raise ValueError(f"{error}; {ZERO_SHOT_HINT}") from error
+    # Files that are not images at all are set aside first, so the setting below counts
+    # the images the fit will really use.
+    probed = [(source, probe_image(source)) for source in sources]
+    unreadable = [str(error) for _, error in probed if error is not None]
+    readable = [source for source, error in probed if error is None]
+    if not readable:
+        raise ValueError(
+            f"none of the {len(sources)} files in {args.train_dir} is a readable image "
+            f"(first: {unreadable[0]})"
+        )
     if args.method is None:
-        try:
-            n_normal = len(expand_inputs(args.train_dir))
-        except ValueError as error:
-            raise ValueError(f"{error}; {ZERO_SHOT_HINT}") from error
-        args.method, shots = choose_setting(n_normal)
+        args.method, shots = choose_setting(len(readable))
         args.shots = args.shots or shots
         setting = f"{args.shots}-shot" if args.shots else "full-shot"
-        print(f"{n_normal} normal images: fitting {args.method} {setting}", file=sys.stderr)
+        print(f"{len(readable)} normal images: fitting {args.method} {setting}", file=sys.stderr)
     detector = _make_detector(args, fpr=args.fpr, threshold=args.threshold, progress=True)
-    detector.fit(args.train_dir)
+    detector.fit(readable)
     path = detector.save(args.output)
     threshold = "none" if detector.threshold_ is None else f"{detector.threshold_:.4f}"
     print(
         f"saved {path}: {detector.n_train_} normal images, threshold {threshold} "
         f"({detector.threshold_source_})"
     )
-    if detector.skipped_:
-        print(
-            f"{len(detector.skipped_)} image(s) could not be read and were skipped:",
-            file=sys.stderr,
-        )
-        for line in detector.skipped_:
+    skipped = unreadable + detector.skipped_
+    if skipped:
+        print(f"{len(skipped)} image(s) could not be read and were skipped:", file=sys.stderr)
+        for line in skipped:
             print(f"  {line}", file=sys.stderr)
     return 0
 
@@ -287,30 +297,22 @@ def _write_predictions(
     vmax = 2 * detector.threshold_ if detector.threshold_ else None
     results, errors, used = [], [], set()
     report_images = []
-    for item in outcomes:
-        if isinstance(item, ImageLoadError):
-            errors.append({"name": item.source, "error": item.reason})
-            print(f"error: {item}", file=sys.stderr)
-            continue
-        row = item.to_json()
-        write_maps = bool(out and args.maps)
-        # Decoded once more (predict does not keep images), and only when something needs it:
-        # at full size for overlays, reduced for a report's thumbnails.
-        image = None
-        if write_maps or args.report:
-            image = load_image(item.name, min_side=None if write_maps else REPORT_SIDE)
-        if write_maps:
-            scale = vmax or float(np.percentile(item.anomaly_map, 99.5))
-            row["files"] = _write_maps(out, _unique_stem(item.name, used), item, image, scale)
-        if args.report:
-            report_images.append(_report_image(item, image))
-        results.append(row)
-        if not args.json:
-            decision = {True: "ANOMALOUS", False: "normal", None: "-"}[item.is_anomalous]
-            print(f"{item.name}\t{item.score:.4f}\t{decision}")
-    document = {"model": model, "results": results, "errors": errors}
-    if out:
-        write_atomic(out / "results.json", (json.dumps(document, indent=2) + "\n").encode())
+    document = {"model": model, "results": results, "errors": errors, "complete": False}
+    saved_at = time.monotonic()
+
+    def save_results() -> None:
+        if out:
+            write_atomic(out / "results.json", (json.dumps(document, indent=2) + "\n").encode())
+
+    try:
+        for item in outcomes:
+            _record(args, item, out, vmax, results, errors, used, report_images)
+            if time.monotonic() - saved_at > RESULTS_EVERY_S:
+                save_results()  # an interrupted run keeps what it scored
+                saved_at = time.monotonic()
+        document["complete"] = True
+    finally:
+        save_results()
     if args.report:
         write_report(args.report, "normalcy predictions", report_images, detector.threshold_ or 0.0)
     if args.json:
@@ -322,6 +324,62 @@ def _write_predictions(
         )
         return 1 if not results else EXIT_SOME_SKIPPED
     return 0
+
+
+def _record(
+    args: argparse.Namespace,
+    item: Prediction | ImageLoadError,
+    out: Path | None,
+    vmax: float | None,
+    results: list[dict],
+    errors: list[dict],
+    used: set[str],
+    report_images: list[ReportImage],
+) -> None:
+    """One outcome of predict: its row (and maps, report entry), and its printed line."""
+    if isinstance(item, ImageLoadError):
+        errors.append({"name": item.source, "error": item.reason})
+        print(f"error: {tsv_field(item.source)}: {item.reason}", file=sys.stderr)
+        return
+    row = item.to_json()
+    write_maps = bool(out and args.maps)
+    # Decoded once more (predict does not keep images), and only when something needs it:
+    # at full size for overlays, reduced for a report's thumbnails.
+    image = None
+    if write_maps or args.report:
+        image = load_image(item.name, min_side=None if write_maps else REPORT_SIDE)
+    if write_maps:
+        scale = vmax or float(np.percentile(item.anomaly_map, 99.5))
+        row["files"] = _write_maps(out, _unique_stem(item.name, used), item, image, scale)
+    if args.report:
+        report_images.append(_report_image(item, image))
+    results.append(row)
+    if not args.json:
+        decision = {True: "ANOMALOUS", False: "normal", None: "-"}[item.is_anomalous]
+        print(f"{tsv_field(item.name)}\t{item.score:.4f}\t{decision}")
+
+
+def tsv_field(name: str) -> str:
+    """`name` as one field of a tab-separated line that any terminal prints: backslash, tab,
+    newline and other control characters escaped (\\t, \\n, \\xNN), and the bytes of a file name
+    that is not UTF-8 (which Python holds as surrogate escapes) shown as \\xNN."""
+    escaped = []
+    for char in name:
+        code = ord(char)
+        if char in _TSV_ESCAPES:
+            escaped.append(_TSV_ESCAPES[char])
+        elif code < 0x20 or code == 0x7F:
+            escaped.append(f"\\x{code:02x}")
+        elif 0xDC80 <= code <= 0xDCFF:  # an undecodable byte of a file name
+            escaped.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            escaped.append(f"\\u{code:04x}")
+        else:
+            escaped.append(char)
+    return "".join(escaped)
+
+
+_TSV_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
 def _report_image(
@@ -587,6 +645,9 @@ def return_freed_memory() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return_freed_memory()
+    for stream in (sys.stdout, sys.stderr):  # a name no encoding can print never stops a run
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if args.threads is not None:
         if args.threads < 1:
             print(f"normalcy: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)

@@ -193,6 +193,32 @@ def _load_file(
     return _decode_stream(path, name, max_pixels, min_side)
 
 
+def probe_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> ImageLoadError | None:
+    """None when `source` looks loadable from its header alone (a supported image within
+    `max_pixels`), else the error loading it would give; cheap: nothing is decoded. Arrays
+    and PIL images are taken as they are."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(os.fsdecode(source))
+    name = os.fsdecode(source)
+    try:
+        if path.is_dir():
+            raise ImageLoadError(name, "is a directory, not an image file")
+        if path.stat().st_size == 0:
+            raise ImageLoadError(name, "empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=_PIL_FORMATS) as image:
+                _check_size(name, image.height, image.width, max_pixels)
+    except ImageLoadError as error:
+        return error
+    except FileNotFoundError:
+        return ImageLoadError(name, "file does not exist")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        return ImageLoadError(name, f"not a readable image ({_describe(exc)})")
+    return None
+
+
 def load_image_bytes(
     data: bytes, name: str, max_pixels: int = MAX_PIXELS, min_side: int | None = None
 ) -> np.ndarray:

@@ -3,7 +3,9 @@ generated data set (EfficientNet-Lite0 at 64 px), plus one smoke test of the ins
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from conftest import FAST_OPTIONS as FAST
 from PIL import Image
 
 from normalcy import __version__
-from normalcy.cli import EXIT_SOME_SKIPPED, _make_detector, build_parser, main
+from normalcy.cli import EXIT_SOME_SKIPPED, _make_detector, build_parser, main, tsv_field
 from normalcy.detector import Detector
 from normalcy.methods.mutual import MutualScorer
 
@@ -422,3 +424,87 @@ def test_eval_of_all_methods_with_shots_leaves_out_the_full_shot_fusion(
     assert main(args) == 0
     methods = [r["method"] for r in json.loads(out.read_text())["results"]]
     assert methods == ["patchknn", "gaussian", "mutual"]
+
+
+# --- hostile names and interrupted runs ----------------------------------------------------------
+
+
+def test_a_name_with_tabs_and_newlines_stays_one_escaped_line(
+    model: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    forged = tmp_path / "a\tb\nfake.png\t0.0\tnormal.png"
+    forged.write_bytes(_test_images(dataset)[0].read_bytes())
+    assert main(["predict", str(model), str(forged)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    name, score, decision = lines[0].split("\t")
+    assert name == str(forged).replace("\t", "\\t").replace("\n", "\\n")
+    assert float(score) >= 0 and decision in ("normal", "ANOMALOUS")
+
+
+def test_tsv_field_escapes_control_characters_and_undecodable_bytes() -> None:
+    assert tsv_field("plain name.png") == "plain name.png"
+    assert tsv_field("a\\b\tc\rd\x1be") == "a\\\\b\\tc\\rd\\x1be"
+    assert tsv_field(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"
+    assert tsv_field("über.png") == "über.png"
+
+
+def test_a_name_that_is_not_utf8_never_aborts_the_batch(
+    model: Path,
+    dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = _test_images(dataset)[0].read_bytes()
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9-\xff.png")
+    with open(odd, "wb") as file:
+        file.write(good)
+    (folder / "plain.png").write_bytes(good)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(folder), "-o", str(out)]) == 0
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode("utf-8").splitlines()
+    assert len(printed) == 2 and any("caf\\xe9-\\xff.png" in line for line in printed)
+    document = json.loads((out / "results.json").read_text())
+    assert len(document["results"]) == 2 and document["complete"] is True
+
+
+def test_an_interrupted_predict_keeps_what_it_scored_in_results_json(
+    model: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = _test_images(dataset)
+    real = Detector.predict_iter
+
+    def interrupted(self: Detector, inputs: object):
+        outcomes = real(self, inputs)
+        yield next(outcomes)
+        yield next(outcomes)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Detector, "predict_iter", interrupted)
+    out = tmp_path / "out"
+    assert main(["predict", str(model), *map(str, images), "-o", str(out)]) == 130
+    document = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in document["results"]] == [str(p) for p in images[:2]]
+    assert document["complete"] is False
+
+
+def test_fit_chooses_few_or_full_shot_by_the_readable_images_only(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "train"
+    folder.mkdir()
+    train = sorted((dataset / "train" / "good").glob("*.png"))
+    for path in train[:5]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    for i in range(20):  # enough to push a count of all files past the few-shot limit
+        (folder / f"notes-{i:02d}.png").write_text("not an image")
+    assert main(["fit", str(folder), "-o", str(tmp_path / "model"), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "5 normal images: fitting patchknn 5-shot" in err
+    assert "20 image(s) could not be read" in err
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["shots"] == 5

@@ -26,6 +26,7 @@ from normalcy.data import (
     load_image_with_size,
     load_many,
     load_mask,
+    probe_image,
     reduction_factor,
     source_name,
 )
@@ -832,3 +833,23 @@ def test_few_shot_references_errors() -> None:
         few_shot_references(paths, 0)
     with pytest.raises(ValueError, match="seed"):
         few_shot_references(paths, 1, seed=-1)
+
+
+def test_probe_image_reads_headers_only_and_names_what_would_fail(tmp_path: Path) -> None:
+    good = _save(Image.new("RGB", (30, 20)), tmp_path / "good.png")
+    assert probe_image(good) is None
+    assert probe_image(np.zeros((4, 4, 3), np.uint8)) is None
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    for path, reason in [
+        (text, "not a readable image"),
+        (empty, "empty file"),
+        (tmp_path / "missing.png", "does not exist"),
+        (tmp_path, "is a directory"),
+    ]:
+        error = probe_image(path)
+        assert isinstance(error, ImageLoadError) and reason in str(error)
+        assert str(path) in str(error)
+    assert isinstance(probe_image(good, max_pixels=100), ImageTooLargeError)
