@@ -34,6 +34,7 @@ from normalcy.report import ReportImage, write_report
 from normalcy.visualize import overlay, save_png, thumbnail, write_atomic
 
 EXIT_SOME_SKIPPED = 3  # predict: some inputs could not be read; the others were scored
+SHUTDOWN_S = 10  # serve: on SIGTERM, requests in flight get this long, then are cancelled
 RESULTS_EVERY_S = 2.0  # predict -o rewrites results.json at most this often while it runs
 REPORT_SIDE = 256
 EVAL_ALL = ["patchknn", "gaussian", FUSED, MUTUAL]  # what `eval --method all` compares
@@ -493,6 +494,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from normalcy.server import ServiceSettings, create_app, parse_model_arg
+        from normalcy.server.guard import allowed_hosts
     except ImportError as error:
         raise RuntimeError(
             f"normalcy serve needs the service extras ({error.name} is missing): "
@@ -509,10 +511,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServiceSettings(
         token=os.environ.get("NORMALCY_TOKEN") or None,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_request_bytes=int(args.max_request_mb * 1024 * 1024),
         max_pixels=int(args.max_megapixels * 1_000_000),
+        max_request_pixels=int(args.max_request_megapixels * 1_000_000),
+        read_timeout=args.read_timeout,
         max_batch=args.max_batch,
         max_delay=args.max_delay_ms / 1000,
         max_queue=args.max_queue,
+        hosts=allowed_hosts(args.host, args.allowed_host),
+        origins=tuple(args.allowed_origin),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.token:
         print(
@@ -520,7 +527,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "this port can use the service",
             file=sys.stderr,
         )
-    uvicorn.run(create_app(models, settings), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(
+        create_app(models, settings),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        limit_concurrency=args.max_connections,  # beyond it: 503 at once
+        timeout_graceful_shutdown=SHUTDOWN_S,
+    )
     return 0
 
 
@@ -607,7 +621,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-megapixels", type=float, default=40, help="largest image accepted (pixels / 1e6)"
     )
+    serve.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=64,
+        help="largest request body; refused from its Content-Length, never read past",
+    )
+    serve.add_argument(
+        "--max-request-megapixels",
+        type=float,
+        default=100,
+        help="most pixels of all images of one request (pixels / 1e6)",
+    )
+    serve.add_argument(
+        "--read-timeout", type=float, default=30, help="seconds a request body may stall (408)"
+    )
     serve.add_argument("--max-batch", type=int, default=8, help="images scored together")
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="connections and requests at once; beyond it answer 503",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name the service answers besides its address (repeat; '*': any), "
+        "e.g. the name a reverse proxy forwards",
+    )
+    serve.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a web origin (https://example.com) allowed to post to the service (repeat)",
+    )
     serve.add_argument(
         "--max-delay-ms", type=float, default=10, help="wait this long to fill a batch"
     )

@@ -31,7 +31,7 @@ ImageInput: TypeAlias = str | os.PathLike | np.ndarray | Image.Image
 
 # Pillow decoders tried on files; the formats behind IMAGE_EXTENSIONS. Restricting the list keeps
 # exotic plugins (some of which run external programs) away from untrusted files.
-_PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 _ARRAY_NAME = "<array>"
 _PIL_NAME = "<PIL image>"
 _UINT16_TO_UINT8 = 257  # 65535 / 255: maps the full 16-bit range onto the full 8-bit range
@@ -208,7 +208,7 @@ def probe_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> ImageLoadEr
             raise ImageLoadError(name, "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=_PIL_FORMATS) as image:
+            with Image.open(path, formats=PIL_FORMATS) as image:
                 _check_size(name, image.height, image.width, max_pixels)
     except ImageLoadError as error:
         return error
@@ -249,12 +249,12 @@ def _decode_stream(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(source, formats=_PIL_FORMATS)
+            image = Image.open(source, formats=PIL_FORMATS)
         except UnidentifiedImageError:
             raise ImageLoadError(
                 name,
                 "not an image file, or not a supported format "
-                f"(supported: {', '.join(_PIL_FORMATS)})",
+                f"(supported: {', '.join(PIL_FORMATS)})",
             ) from None
         except Image.DecompressionBombError as exc:
             raise _pil_limit_error(name, exc) from None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,12 +22,21 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from normalcy import Detector
 from normalcy.data import LoadedImage
-from normalcy.server.app import openapi_schema, parse_model_arg
+from normalcy.server.app import (
+    ServiceError,
+    ServiceSettings,
+    _scored,
+    create_app,
+    openapi_schema,
+    parse_model_arg,
+)
 from normalcy.server.batching import BatchingWorker, QueueFullError
+from normalcy.server.budget import PixelBudget, header_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-token"
@@ -208,11 +220,26 @@ def test_token_is_required_everywhere_but_healthz(secured: Server, dataset: Path
     assert _post(secured, files, model="part-a", headers=right).status_code == 200
 
 
-def test_the_page_with_a_token_sets_a_cookie_for_its_requests(secured: Server) -> None:
+def test_the_page_link_with_a_token_moves_it_to_a_cookie_and_out_of_the_url(
+    secured: Server,
+) -> None:
     with httpx.Client(base_url=secured.url) as client:
-        page = client.get("/", params={"token": TOKEN})
+        link = client.get("/", params={"token": TOKEN})
+        assert link.status_code == 303 and link.headers["location"] == "/"
+        assert "httponly" in link.headers["set-cookie"].lower()
+        page = client.get("/")
         assert page.status_code == 200 and "<title>normalcy" in page.text
         assert client.get("/v1/models").status_code == 200  # the cookie authenticates
+    assert httpx.get(secured.url + "/", params={"token": "wrong"}).status_code == 401
+
+
+def test_a_token_in_the_url_is_accepted_on_the_page_link_only(
+    secured: Server, dataset: Path
+) -> None:
+    assert httpx.get(secured.url + "/v1/models", params={"token": TOKEN}).status_code == 401
+    files = _files(_images(dataset)["good"][0])
+    response = _post(secured, files, model="part-a", params={"token": TOKEN})
+    assert response.status_code == 401
 
 
 # ----------------------------------------------------------------------------- under load
@@ -367,3 +394,259 @@ def test_page_scores_an_upload_and_the_slider_moves_decisions(
             assert csv[1].split(",")[2] == "false"
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------------------- hostile requests
+@pytest.fixture(scope="module")
+def guarded(model: Path) -> Iterator[Server]:
+    yield from _start(
+        [
+            str(model),
+            "--max-request-mb",
+            "1",
+            "--read-timeout",
+            "1",
+            "--max-request-megapixels",
+            "0.3",
+            "--allowed-host",
+            "inspect.local",
+            "--allowed-origin",
+            "https://line.example",
+        ]
+    )
+
+
+def _raw(server: Server, request: bytes, wait: float = 10) -> bytes:
+    """Send raw bytes and read the answer until the server closes or `wait` passes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=wait) as sock:
+        sock.sendall(request)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            pass
+    return answer
+
+
+def test_a_foreign_host_header_is_refused_and_allowed_names_answer(
+    guarded: Server, dataset: Path
+) -> None:
+    for host, status in [
+        ("attacker.example", 421),
+        (f"attacker.example:{guarded.port}", 421),
+        (f"localhost:{guarded.port}", 200),
+        (f"127.0.0.1:{guarded.port}", 200),
+        ("inspect.local", 200),
+    ]:
+        response = httpx.get(guarded.url + "/v1/models", headers={"Host": host})
+        assert response.status_code == status, host
+        if status == 421:
+            assert response.json()["error"]["code"] == "host_not_allowed"
+    files = _files(_images(dataset)["good"][0])
+    rebinding = _post(guarded, files, headers={"Host": "attacker.example"})
+    assert rebinding.status_code == 421
+
+
+def test_cross_origin_posts_are_refused_unless_allowed(guarded: Server, dataset: Path) -> None:
+    files = _files(_images(dataset)["good"][0])
+    for origin, status in [
+        ("https://evil.example", 403),
+        ("null", 403),
+        (f"http://127.0.0.1:{guarded.port}", 200),  # the service's own page
+        ("https://line.example", 200),
+    ]:
+        response = _post(guarded, files, headers={"Origin": origin})
+        assert response.status_code == status, origin
+        if status == 403:
+            assert response.json()["error"]["code"] == "cross_origin"
+    assert httpx.get(
+        guarded.url + "/healthz", headers={"Origin": "https://evil.example"}
+    ).is_success
+
+
+def test_a_body_over_the_limit_is_refused_from_its_content_length_without_reading_it(
+    guarded: Server,
+) -> None:
+    start = time.monotonic()
+    answer = _raw(
+        guarded,
+        b"POST /v1/models/fabric/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: multipart/form-data; boundary=x\r\n"
+        b"Content-Length: 1000000000\r\n\r\n--x\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b"request_too_large" in answer
+    assert time.monotonic() - start < 5  # answered at once, not after a gigabyte
+
+
+def test_a_streamed_body_is_refused_as_soon_as_it_passes_the_limit(guarded: Server) -> None:
+    sent = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        yield b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+        for _ in range(64):  # 64 MB if it were all read
+            sent += 1
+            yield b"\0" * (1024 * 1024)
+
+    headers = {"Content-Type": "multipart/form-data; boundary=x"}
+    try:
+        response = httpx.post(
+            guarded.url + "/v1/models/fabric/predict", content=chunks(), headers=headers
+        )
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+    except httpx.TransportError:
+        pass  # the server may close the connection on the remaining body instead
+    assert sent < 64
+
+
+def test_a_stalled_body_gets_408(guarded: Server) -> None:
+    answer = _raw(
+        guarded,
+        b"POST /v1/models/fabric/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: multipart/form-data; boundary=x\r\n"
+        b"Content-Length: 5000\r\n\r\n--x\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 408") and b"read_timeout" in answer
+
+
+def test_a_request_over_the_pixel_budget_is_refused_before_decoding(guarded: Server) -> None:
+    image = _png(np.zeros((400, 400, 3), np.uint8))  # 0.16 MP each, 0.32 MP > 0.3 MP
+    response = _post(guarded, [("files", (f"{i}.png", image, "image/png")) for i in range(2)])
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_many_pixels"
+
+
+def test_a_thin_strip_is_scored_at_bounded_cost(guarded: Server) -> None:
+    strip = _png(np.full((5, 40000, 3), 128, np.uint8))
+    response = _post(guarded, [("files", ("strip.png", strip, "image/png"))])
+    assert response.status_code == 200
+    assert np.isfinite(response.json()["results"][0]["score"])
+
+
+def test_unknown_http_methods_share_one_metrics_label(guarded: Server) -> None:
+    for method in ("FOO", "BAR", "X-RANDOM-1"):
+        httpx.request(method, guarded.url + "/v1/models")
+    text = httpx.get(guarded.url + "/metrics").text
+    assert 'method="other"' in text
+    assert "FOO" not in text and "BAR" not in text and "X-RANDOM" not in text
+
+
+def test_sigterm_with_queued_work_exits_within_the_grace_period(model: Path, dataset: Path) -> None:
+    for server in _start([str(model), "--max-queue", "64"]):
+        files = _files(*_images(dataset)["good"][:2])
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            pending = [pool.submit(_post, server, files) for _ in range(16)]
+            time.sleep(0.5)
+            start = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            server.process.wait(timeout=30)
+            assert time.monotonic() - start < 15
+            for future in pending:
+                with contextlib.suppress(httpx.TransportError):
+                    future.result()
+
+
+# ----------------------------------------------------------------- in-process behaviour
+def test_a_failed_scoring_answers_a_fixed_message_and_logs_the_details(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Failing:
+        image_size = 64
+
+        def predict_images(self, images):
+            raise RuntimeError("std::bad_alloc in some C++ frame")
+
+    app = create_app({"m": Failing()}, ServiceSettings(hosts=None))
+    image = _png(np.zeros((64, 64, 3), np.uint8))
+    with TestClient(app) as client:
+        response = client.post("/v1/models/m/predict", files=[("files", ("a.png", image))])
+    assert response.status_code == 500
+    assert response.json()["error"] == {
+        "code": "scoring_failed",
+        "message": "scoring failed; the server log has the details",
+    }
+    assert "bad_alloc" in caplog.text
+
+
+def test_a_client_that_leaves_takes_its_queued_images_off_the_queue() -> None:
+    class Gone:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    futures = [Future(), Future()]
+
+    async def wait() -> None:
+        await _scored(Gone(), futures, lambda *a: ServiceError(*a))
+
+    with pytest.raises(ServiceError) as caught:
+        asyncio.run(wait())
+    assert caught.value.status == 499
+    assert all(f.cancelled() for f in futures)
+
+
+def test_the_worker_skips_cancelled_images_and_cancels_the_rest_on_shutdown() -> None:
+    scored: list[str] = []
+
+    class Recording(_BlockingDetector):
+        def predict_images(self, images):
+            self.release.wait(10)
+            scored.extend(i.name for i in images)
+            return iter([f"scored {i.name}" for i in images])
+
+    detector = Recording()
+    worker = BatchingWorker(detector, max_batch=1, max_delay=0, max_queue=8)
+    image = np.zeros((8, 8, 3), np.uint8)
+    first = worker.submit([LoadedImage("first", image)])
+    time.sleep(0.2)  # the worker now holds "first"
+    rest = worker.submit([LoadedImage(n, image) for n in ("gone", "kept", "late")])
+    rest[0].cancel()
+    detector.release.set()
+    assert first[0].result(10) == "scored first"
+    assert rest[1].result(10) == "scored kept"
+    assert rest[2].result(10) == "scored late"
+    assert scored == ["first", "kept", "late"]
+    blocked = Recording()
+    worker = BatchingWorker(blocked, max_batch=1, max_delay=0, max_queue=8)
+    holding = worker.submit([LoadedImage("holding", image)])
+    time.sleep(0.2)
+    queued = worker.submit([LoadedImage(n, image) for n in ("a", "b")])
+    assert worker.cancel_waiting() == 2
+    assert all(f.cancelled() for f in queued)
+    blocked.release.set()
+    assert holding[0].result(10) == "scored holding"
+
+
+def test_the_pixel_budget_bounds_what_is_held_and_serves_the_smallest_first() -> None:
+    order: list[int] = []
+
+    async def run() -> int:
+        budget = PixelBudget(100)
+        peak = 0
+
+        async def use(pixels: int, hold_s: float) -> None:
+            nonlocal peak
+            async with budget.hold(pixels):
+                order.append(pixels)
+                peak = max(peak, budget.used)
+                await asyncio.sleep(hold_s)
+
+        first = asyncio.create_task(use(90, 0.05))
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(use(p, 0.01)) for p in (80, 60, 10, 500)]
+        abandoned = asyncio.create_task(use(50, 0.01))
+        await asyncio.sleep(0)
+        abandoned.cancel()
+        await asyncio.gather(first, *waiting, return_exceptions=True)
+        assert budget.used == 0
+        return peak
+
+    assert asyncio.run(run()) <= 100
+    assert order == [90, 10, 60, 80, 500]  # 500 is capped at the whole budget
+
+
+def test_header_pixels_reads_the_size_without_decoding() -> None:
+    assert header_pixels(_png(np.zeros((30, 20, 3), np.uint8))) == 600
+    assert header_pixels(b"not an image") == 0

@@ -70,9 +70,22 @@ class BatchingWorker:
             batch.append(job)
         return batch
 
+    def cancel_waiting(self) -> int:
+        """Cancel every queued image not yet being scored (on shutdown); how many."""
+        cancelled = 0
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return cancelled
+            cancelled += job.future.cancel()
+
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
+            # Images whose request was abandoned (client gone, shutdown) are dropped here.
+            batch = [job for job in self._next_batch() if job.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             try:
                 predictions: list[Prediction] = list(
                     self.detector.predict_images([job.image for job in batch])
