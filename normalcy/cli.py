@@ -31,11 +31,13 @@ from normalcy.methods import METHODS
 from normalcy.methods.mutual import MutualScorer
 from normalcy.postprocess import UPSAMPLING, resize_map
 from normalcy.report import ReportImage, write_report
-from normalcy.visualize import overlay, save_png, thumbnail, write_atomic
+from normalcy.visualize import bounded_overlay, bounded_size, save_png, thumbnail, write_atomic
 
 EXIT_SOME_SKIPPED = 3  # predict: some inputs could not be read; the others were scored
 SHUTDOWN_S = 10  # serve: on SIGTERM, requests in flight get this long, then are cancelled
 RESULTS_EVERY_S = 2.0  # predict -o rewrites results.json at most this often while it runs
+MAX_OVERLAY_PIXELS = 16_000_000  # predict --maps: larger overlays are written reduced
+MAP_BAND_ROWS = 256  # rows of a full-size map made at a time
 REPORT_SIDE = 256
 EVAL_ALL = ["patchknn", "gaussian", FUSED, MUTUAL]  # what `eval --method all` compares
 METHOD_HELP = (
@@ -237,16 +239,32 @@ def _unique_stem(name: str, used: set[str]) -> str:
     return candidate
 
 
-def _write_maps(
-    out: Path, stem: str, prediction: Prediction, image: np.ndarray, vmax: float
-) -> dict[str, str]:
-    full = overlay(image, prediction.anomaly_map, 0.0, vmax, mask=prediction.mask)
-    save_png(out / f"{stem}_overlay.png", full)
-    np.save(out / f"{stem}_map.npy", prediction.anomaly_map)
+def _write_maps(out: Path, stem: str, prediction: Prediction, vmax: float) -> dict[str, str]:
+    """The map (.npy) and mask at the image's full size, made and written in bands of rows so
+    neither the map nor the image is ever whole in memory; the overlay up to 16 megapixels."""
+    size = prediction.image_size
+    threshold = prediction.pixel_threshold
+    mask = None if threshold is None else np.empty(size, np.uint8)
+    with open(out / f"{stem}_map.npy", "wb") as npy:
+        header = {"descr": "<f4", "fortran_order": False, "shape": tuple(size)}
+        np.lib.format.write_array_header_1_0(npy, header)
+        for start in range(0, size[0], MAP_BAND_ROWS):
+            rows = (start, min(start + MAP_BAND_ROWS, size[0]))
+            band = resize_map(prediction.score_map, size, rows)
+            npy.write(band.astype("<f4", copy=False).tobytes())
+            if mask is not None:
+                mask[rows[0] : rows[1]] = (band > threshold) * np.uint8(255)
     files = {"overlay": f"{stem}_overlay.png", "map": f"{stem}_map.npy"}
-    if prediction.mask is not None:
-        save_png(out / f"{stem}_mask.png", prediction.mask.astype(np.uint8) * 255)
+    if mask is not None:
+        save_png(out / f"{stem}_mask.png", mask)
         files["mask"] = f"{stem}_mask.png"
+    # Decoded reduced to no less than the overlay's size (min_side is half what is kept).
+    side = min(bounded_size(size, MAX_OVERLAY_PIXELS))
+    image = load_image(prediction.name, min_side=max(1, side // 2))
+    shown, _ = bounded_overlay(
+        image, prediction.score_map, size, vmax, threshold, MAX_OVERLAY_PIXELS
+    )
+    save_png(out / f"{stem}_overlay.png", shown)
     return files
 
 
@@ -343,16 +361,12 @@ def _record(
         print(f"error: {tsv_field(item.source)}: {item.reason}", file=sys.stderr)
         return
     row = item.to_json()
-    write_maps = bool(out and args.maps)
-    # Decoded once more (predict does not keep images), and only when something needs it:
-    # at full size for overlays, reduced for a report's thumbnails.
-    image = None
-    if write_maps or args.report:
-        image = load_image(item.name, min_side=None if write_maps else REPORT_SIDE)
-    if write_maps:
-        scale = vmax or float(np.percentile(item.anomaly_map, 99.5))
-        row["files"] = _write_maps(out, _unique_stem(item.name, used), item, image, scale)
+    # Images are decoded once more (predict does not keep them), reduced to what is drawn.
+    if out and args.maps:
+        scale = vmax or float(np.percentile(item.score_map, 99.5))
+        row["files"] = _write_maps(out, _unique_stem(item.name, used), item, scale)
     if args.report:
+        image = load_image(item.name, min_side=REPORT_SIDE)
         report_images.append(_report_image(item, image))
     results.append(row)
     if not args.json:

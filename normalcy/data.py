@@ -35,6 +35,7 @@ PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 _ARRAY_NAME = "<array>"
 _PIL_NAME = "<PIL image>"
 _UINT16_TO_UINT8 = 257  # 65535 / 255: maps the full 16-bit range onto the full 8-bit range
+BAND_PIXELS = 4_000_000  # pixels converted at a time when an array becomes RGB
 
 
 class ImageLoadError(ValueError):
@@ -326,34 +327,47 @@ def _array_to_rgb(
     _check_size(name, height, width, max_pixels)
 
     kind, itemsize = array.dtype.kind, array.dtype.itemsize
-    if kind == "b":
-        values = array.astype(np.uint8) * np.uint8(255)
-    elif kind == "u" and itemsize == 1:
-        values = array
-    elif kind == "u" and itemsize == 2:
-        rounded = (array.astype(np.uint32) + _UINT16_TO_UINT8 // 2) // _UINT16_TO_UINT8
-        values = rounded.astype(np.uint8)
-    elif kind == "f":
-        if np.isnan(array).any():
-            raise ImageLoadError(name, "float image contains NaN values")
-        values = np.rint(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
-    else:
+    if not (kind in "bf" or (kind == "u" and itemsize in (1, 2))):
         raise ImageLoadError(
             name,
             f"unsupported array dtype {array.dtype}; "
             "expected uint8, uint16, bool or float with values in [0, 1]",
         )
+    if kind == "f" and np.isnan(array).any():
+        raise ImageLoadError(name, "float image contains NaN values")
+    # Converted and reduced a band of rows at a time, so no full-size temporary of another
+    # dtype or of three channels is made (a 16-bit 80-megapixel image would need gigabytes).
+    factor = reduction_factor(height, width, min_side)
+    rgb = np.empty((-(-height // factor), -(-width // factor), 3), dtype=np.uint8)
+    step = factor * max(1, BAND_PIXELS // (factor * width))
+    for start in range(0, height, step):
+        band = _as_uint8(array[start : start + step])
+        if band.ndim == 2:
+            band = band[..., None]
+        band_rgb = np.empty((*band.shape[:2], 3), dtype=np.uint8)
+        band_rgb[...] = band[..., :3]  # drops alpha; a single channel broadcasts to three
+        if factor > 1:
+            band_rgb = np.asarray(Image.fromarray(band_rgb).reduce(factor))
+        rgb[start // factor : start // factor + len(band_rgb)] = band_rgb
+    return rgb
 
-    if values.ndim == 2:
-        values = values[..., None]
-    rgb = np.empty((height, width, 3), dtype=np.uint8)
-    rgb[...] = values[..., :3]  # drops alpha; a single channel broadcasts to three
-    return _reduce(rgb, min_side)
+
+def _as_uint8(values: np.ndarray) -> np.ndarray:
+    """bool, uint8, uint16 or [0, 1] float values as uint8 (16-bit divided by 257)."""
+    kind, itemsize = values.dtype.kind, values.dtype.itemsize
+    if kind == "b":
+        return values.astype(np.uint8) * np.uint8(255)
+    if kind == "u" and itemsize == 1:
+        return values
+    if kind == "u":
+        rounded = (values.astype(np.uint32) + _UINT16_TO_UINT8 // 2) // _UINT16_TO_UINT8
+        return rounded.astype(np.uint8)
+    return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _reduced_pil(image: Image.Image, min_side: int | None) -> Image.Image:
     """A decoded PIL image box-filtered by :func:`reduction_factor` before it becomes an array,
-    so no full-size copy is made; modes Pillow cannot reduce are left to :func:`_reduce`."""
+    so no full-size copy is made; modes Pillow cannot reduce are reduced as arrays."""
     factor = reduction_factor(image.height, image.width, min_side)
     if factor == 1:
         return image
@@ -361,14 +375,6 @@ def _reduced_pil(image: Image.Image, min_side: int | None) -> Image.Image:
         return image.reduce(factor)
     except ValueError:
         return image
-
-
-def _reduce(rgb: np.ndarray, min_side: int | None) -> np.ndarray:
-    """Box-filter a uint8 RGB array by :func:`reduction_factor`, from its current size."""
-    factor = reduction_factor(rgb.shape[0], rgb.shape[1], min_side)
-    if factor == 1:
-        return rgb
-    return np.array(Image.fromarray(rgb).reduce(factor))  # a writable, contiguous copy
 
 
 def _check_size(name: str, height: int, width: int, max_pixels: int) -> None:

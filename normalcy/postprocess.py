@@ -85,12 +85,44 @@ def score_map(
     return anomaly_map(patch_scores, size, sigma, dense, mode)
 
 
-def resize_map(scale_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """A map at the fixed scale resized bilinearly to an image of `size` (H, W): float32."""
-    grid = _as_tensor(scale_map)[None, None]
-    if tuple(grid.shape[-2:]) != tuple(size):
-        grid = F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)
-    return grid[0, 0].cpu().numpy()
+def resize_map(
+    scale_map: torch.Tensor, size: tuple[int, int], rows: tuple[int, int] | None = None
+) -> np.ndarray:
+    """A map at the fixed scale resized bilinearly to an image of `size` (H, W): float32;
+    `rows` (start, stop): only those rows of it, so a map of any size can be made in bands.
+
+    A band is the separable form of the same resize: rows (R_y) times map times columns
+    (R_x^T), with the weights of `F.interpolate(mode="bilinear", align_corners=False)`, so it
+    costs what its pixels cost; it equals the whole map's rows within float32 rounding."""
+    grid = _as_tensor(scale_map)
+    if rows is None:
+        if tuple(grid.shape) != tuple(size):
+            grid = F.interpolate(
+                grid[None, None], size=tuple(size), mode="bilinear", align_corners=False
+            )[0, 0]
+        return grid.cpu().numpy()
+    start, stop = rows
+    if not 0 <= start <= stop <= size[0]:
+        raise ValueError(f"rows {rows} outside a map of {size[0]} rows")
+    along_rows = _bilinear_weights(grid.shape[0], size[0], start, stop).to(grid.device)
+    along_columns = _bilinear_weights(grid.shape[1], size[1], 0, size[1]).to(grid.device)
+    band = along_rows @ grid.to(torch.float64) @ along_columns.T
+    return band.float().cpu().numpy()
+
+
+def _bilinear_weights(source: int, target: int, start: int, stop: int) -> torch.Tensor:
+    """(stop - start, source) weights of target samples start..stop-1 of a bilinear resize
+    from `source` to `target` samples (half-pixel centres, edges clamped)."""
+    position = (torch.arange(start, stop, dtype=torch.float64) + 0.5) * (source / target) - 0.5
+    position = position.clamp(min=0)
+    below = position.floor().long().clamp(max=source - 1)
+    above = (below + 1).clamp(max=source - 1)
+    fraction = position - below
+    weights = torch.zeros(stop - start, source, dtype=torch.float64)
+    band = torch.arange(stop - start)
+    weights[band, below] += 1 - fraction
+    weights[band, above] += fraction
+    return weights
 
 
 def fill_gaps(patch_scores: torch.Tensor, width: int) -> torch.Tensor:

@@ -12,8 +12,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
+
+from normalcy.postprocess import resize_map
 
 # Anchor colours of a dark-to-bright, perceptually ordered ramp (black, purple, red, orange,
 # pale yellow), in the spirit of "inferno"; the 256-entry LUT interpolates between them.
@@ -97,6 +100,32 @@ def overlay(
             raise ValueError(f"mask shape {mask.shape} does not match image {image.shape[:2]}")
         out[_outline(mask.astype(bool))] = OUTLINE_COLOUR
     return out
+
+
+def bounded_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """(height, width) `size`, scaled down (aspect kept) to at most `max_pixels` pixels."""
+    height, width = size
+    scale = min(1.0, (max_pixels / (height * width)) ** 0.5)
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def bounded_overlay(
+    image: np.ndarray,
+    scale_map: torch.Tensor,
+    image_size: tuple[int, int],
+    vmax: float,
+    pixel_threshold: float | None,
+    max_pixels: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The overlay and mask of a prediction (its map at the fixed scale, `scale_map`) for an
+    image of `image_size`, drawn at that size up to `max_pixels` (larger: reduced, aspect
+    kept), so its memory is bounded whatever the image. `image` may come reduced."""
+    size = bounded_size(image_size, max_pixels)
+    if image.shape[:2] != size:
+        image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.Resampling.BILINEAR))
+    anomaly_map = resize_map(scale_map, size)
+    mask = None if pixel_threshold is None else anomaly_map > pixel_threshold
+    return overlay(image, anomaly_map, 0.0, vmax, mask=mask), mask
 
 
 def encode_png(array: np.ndarray, *, fast: bool = False) -> bytes:

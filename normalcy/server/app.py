@@ -25,7 +25,6 @@ from fastapi.responses import (
     RedirectResponse,
     Response,
 )
-from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from normalcy import __version__
@@ -37,12 +36,11 @@ from normalcy.data import (
     load_image_bytes_with_size,
 )
 from normalcy.detector import Detector, Prediction
-from normalcy.postprocess import resize_map
 from normalcy.server.batching import BatchingWorker, QueueFullError
 from normalcy.server.budget import PixelBudget, header_pixels
 from normalcy.server.guard import RequestGuard, allowed_hosts
 from normalcy.server.metrics import Metrics
-from normalcy.visualize import encode_png, overlay
+from normalcy.visualize import bounded_overlay, bounded_size, encode_png
 
 log = logging.getLogger("normalcy.server")
 
@@ -361,17 +359,21 @@ def _result(
     }
     if data is None or settings is None:
         return result
-    height, width = prediction.image_size
-    scale = min(1.0, (settings.max_overlay_pixels / (height * width)) ** 0.5)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    image = load_image_bytes(data, prediction.name, settings.max_pixels, min_side=min(size))
-    if image.shape[:2] != size:
-        image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.Resampling.BILINEAR))
-    anomaly_map = resize_map(prediction.score_map, size)
-    mask = None if prediction.pixel_threshold is None else anomaly_map > prediction.pixel_threshold
+    height, width = bounded_size(prediction.image_size, settings.max_overlay_pixels)
+    # Decoded reduced to no less than the overlay's size (min_side is half what is kept).
+    side = max(1, min(height, width) // 2)
+    image = load_image_bytes(data, prediction.name, settings.max_pixels, side)
     vmax = 2 * prediction.threshold if prediction.threshold else None
-    vmax = vmax or float(np.percentile(anomaly_map, 99.5)) or 1.0
-    result["overlay_png"] = _png_base64(overlay(image, anomaly_map, 0.0, vmax, mask=mask))
+    vmax = vmax or float(np.percentile(prediction.score_map, 99.5)) or 1.0
+    shown, mask = bounded_overlay(
+        image,
+        prediction.score_map,
+        prediction.image_size,
+        vmax,
+        prediction.pixel_threshold,
+        settings.max_overlay_pixels,
+    )
+    result["overlay_png"] = _png_base64(shown)
     result["mask_png"] = None if mask is None else _png_base64(mask.astype(np.uint8) * 255)
     return result
 
