@@ -440,13 +440,14 @@ def run_eval(
     methods = EVAL_ALL if args.method == "all" else [args.method or "patchknn"]
     if args.method == "all" and args.shots:
         methods = [m for m in methods if m != FUSED]  # it needs held-out normal images
+    target = {"fpr": args.fpr} if "fpr" in args else {}  # demo: the default
     results = []
     for method in methods:
         results += evaluate(
             root,
             categories,
             make_detector=lambda method=method: _make_detector(
-                args, method=method, progress=args.progress
+                args, method=method, progress=args.progress, **target
             ),
             seeds=range(args.seed, args.seed + args.draws),
             on_sample=hook_for,
@@ -617,6 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="first few-shot reference draw")
     ev.add_argument(
         "--draws", type=int, default=1, help="few-shot: reference draws to average (seed, seed+1..)"
+    )
+    ev.add_argument(
+        "--fpr",
+        type=float,
+        default=0.01,
+        help="target false-positive rate of the threshold (its achieved rate is reported)",
     )
     ev.add_argument("--json", help="write the results JSON here")
     ev.add_argument("--report", help="write an HTML report here")

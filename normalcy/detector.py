@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from normalcy.backbones import (
     resolve_device,
     resolve_precision,
 )
+from normalcy.calibration import CALIBRATION_MAX, Calibration, conformal_threshold
 from normalcy.data import (
     ImageInput,
     ImageLoadError,
@@ -40,7 +42,7 @@ from normalcy.modelfile import (
     save_model,
 )
 from normalcy.pipeline import MapSettings, Pipeline, Prediction, decoded_ahead, feature_grids
-from normalcy.postprocess import SIGMA_AT_256, threshold_at_fpr
+from normalcy.postprocess import SIGMA_AT_256
 
 log = logging.getLogger("normalcy")
 
@@ -235,19 +237,26 @@ class Detector:
             yield from grids
 
     def _loaded(
-        self, sources: Sequence[ImageInput], what: str, record: bool = True
+        self,
+        sources: Sequence[ImageInput],
+        what: str,
+        record: bool = True,
+        readable: list[ImageInput] | None = None,
     ) -> Iterator[LoadedImage]:
         """Decoded images (ahead, in a thread); a broken file is logged by name and skipped,
-        never fatal (`record`: and listed in `skipped_`, once per fit)."""
+        never fatal (`record`: and listed in `skipped_`, once per fit; `readable`: the
+        sources of the images yielded are appended to it, in order)."""
         bar = tqdm(total=len(sources), desc=what, unit="img", disable=not self.progress)
         self.skipped_: list[str] = getattr(self, "skipped_", [])
-        for item in decoded_ahead(sources, self.image_size):
+        for source, item in zip(sources, decoded_ahead(sources, self.image_size), strict=True):
             bar.update()
             if isinstance(item, ImageLoadError):
                 if record:
                     log.warning("skipped %s", item)
                     self.skipped_.append(str(item))
             else:
+                if readable is not None:
+                    readable.append(source)
                 yield item
         bar.close()
 
@@ -285,8 +294,10 @@ class Detector:
     def fit(self, normal: ImageInput | Sequence[ImageInput]) -> Detector:
         """Learn normality from normal images (a folder, paths, arrays or PIL images).
 
-        A part of the normal images (every 10th; leave-one-out below 10 images) is scored
-        but kept out of the bank, to set the threshold at the target false-positive rate.
+        The threshold is set at the target false-positive rate from normal images scored by
+        a model that did not see them (see `calibration`): full-shot patch kNN scores every
+        image (up to 500) against the bank without its own patches; other methods hold out
+        every 10th image; below 10 images each is left out in turn.
         """
         sources = expand_inputs(normal)
         if self.shots is not None:
@@ -306,7 +317,16 @@ class Detector:
             )
         self.skipped_ = []
         self.method_ = self._new_method(few_shot)
-        if len(sources) >= MIN_IMAGES_FOR_HOLDOUT:
+        if len(sources) >= MIN_IMAGES_FOR_HOLDOUT and self.method_.leaves_out and not few_shot:
+            readable: list[ImageInput] = []
+            images = self._loaded(sources, "fit", readable=readable)
+            first = next(images, None)
+            if first is None:
+                raise self._unreadable_error()
+            self.method_.fit(self._bank_grids(itertools.chain([first], images), few_shot))
+            normal, dense_peaks = self._left_out_results(readable)
+            scheme = "each scored against the bank without its own patches"
+        elif len(sources) >= MIN_IMAGES_FOR_HOLDOUT:
             held = [s for i, s in enumerate(sources) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
             bank = [s for i, s in enumerate(sources) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
             bank_images = self._loaded(bank, "fit")
@@ -317,15 +337,43 @@ class Detector:
             held_scores = self.method_.score_held_out(self._grids(self._loaded(held, "hold-out")))
             normal = self._normal_results(self.method_, held_scores)
             dense_peaks = self._dense_peaks(self.method_, self._loaded(held, "dense maps", False))
+            scheme = "every 10th held out of the bank"
         else:
             references = list(self._loaded(sources, "fit"))
             if not references:
                 raise self._unreadable_error()
             normal, dense_peaks = self._leave_one_out_results(references, few_shot)
             self.method_.fit(self._bank_grids(references, few_shot))
+            scheme = "each left out of a model of the others"
         self.n_train_ = len(sources) - len(self.skipped_)
-        self._set_thresholds(normal, dense_peaks)
+        self._set_thresholds(normal, dense_peaks, scheme)
         return self
+
+    def _left_out_results(
+        self, readable: Sequence[ImageInput]
+    ) -> tuple[list[tuple[float, float]], list[float]]:
+        """Image score and map peak (and with the dense map, its peak) of up to
+        `CALIBRATION_MAX` evenly spaced images of the fit, each scored by the fitted method
+        as if left out; `readable` are the fit's images in the order the method saw them."""
+        step = math.ceil(len(readable) / CALIBRATION_MAX)
+        positions = range(0, len(readable), step)
+        chosen = [readable[p] for p in positions]
+        decoded = zip(positions, decoded_ahead(chosen, self.image_size), strict=True)
+        usable = ((p, item) for p, item in decoded if not isinstance(item, ImageLoadError))
+        bar = tqdm(total=len(positions), desc="calibrate", unit="img", disable=not self.progress)
+        backbone, maps = self._backbone(), MapSettings(self.sigma, self.closing, self.upsample)
+        results, dense_peaks = [], []
+        while window := list(itertools.islice(usable, self.batch_size)):
+            where, pixels = [p for p, _ in window], [item.image for _, item in window]
+            grids = backbone.features(pixels, batch_size=self.batch_size)
+            results += self._normal_results(self.method_, self.method_.score_left_out(grids, where))
+            if self.dense_map:
+                dense = backbone.features(pixels, dense=True, batch_size=self.batch_size)
+                for scores in self.method_.score_left_out(dense, where):
+                    dense_peaks.append(float(maps.shown_map(scores.patches, True).max()))
+            bar.update(len(window))
+        bar.close()
+        return results, dense_peaks
 
     def _normal_results(
         self, method: Method, scores: Iterable[GridScores]
@@ -366,16 +414,29 @@ class Detector:
             dense_peaks += self._dense_peaks(method, [reference])
         return results, dense_peaks
 
-    def _set_thresholds(self, normal: list[tuple[float, float]], dense_peaks: list[float]) -> None:
+    def _set_thresholds(
+        self, normal: list[tuple[float, float]], dense_peaks: list[float], scheme: str
+    ) -> None:
         scores = np.array([score for score, _ in normal])
         peaks = np.array([peak for _, peak in normal])
         self.normal_scores_ = scores
+        self.calibration_ = Calibration.of(len(scores), scheme)
+        if self.threshold is None and len(scores) and self.fpr < self.calibration_.min_fpr:
+            log.warning(
+                "%d normal images can promise a false-positive rate of %.3g at best, not the "
+                "%.3g asked for; the threshold is the highest of their scores. Give at least "
+                "%d normal images for that rate.",
+                len(scores),
+                self.calibration_.min_fpr,
+                self.fpr,
+                math.ceil(1 / self.fpr) if self.fpr > 0 else 0,
+            )
         if self.threshold is not None:
             self.threshold_ = float(self.threshold)
             self.threshold_source_ = "user"
         elif len(scores):
-            self.threshold_ = threshold_at_fpr(scores, self.fpr)
-            self.threshold_source_ = f"fpr {self.fpr} on {len(scores)} held-out normal images"
+            self.threshold_ = conformal_threshold(scores, self.fpr)
+            self.threshold_source_ = f"fpr {self.fpr} on {len(scores)} normal images, {scheme}"
         else:
             self.threshold_ = None
             self.threshold_source_ = "none"
@@ -385,9 +446,9 @@ class Detector:
                 "normal images"
             )
         # Masks: the pixel level that the same share of held-out normal images never reach.
-        self.pixel_threshold_ = threshold_at_fpr(peaks, self.fpr) if len(peaks) else None
+        self.pixel_threshold_ = conformal_threshold(peaks, self.fpr) if len(peaks) else None
         self.dense_pixel_threshold_ = (
-            threshold_at_fpr(np.array(dense_peaks), self.fpr) if dense_peaks else None
+            conformal_threshold(np.array(dense_peaks), self.fpr) if dense_peaks else None
         )
 
     # ------------------------------------------------------------------- predict
@@ -511,6 +572,7 @@ class Detector:
             "pixel_threshold": self.pixel_threshold_,
             "dense_pixel_threshold": self.dense_pixel_threshold_,
             "n_train": self.n_train_,
+            "calibration": None if self.calibration_ is None else self.calibration_.to_json(),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -556,6 +618,8 @@ class Detector:
                 device=device,
             )
             detector.method_ = method_from_state(method["name"], params, arrays)
+            calibration = config["calibration"]
+            detector.calibration_ = None if calibration is None else Calibration(**calibration)
         except (TypeError, ValueError) as error:
             raise ModelFileError(arrays_file, str(error)) from None
         detector.normal_scores_ = arrays.get("normal_scores", np.zeros(0))

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from normalcy.calibration import achieved_rates
 from normalcy.data import (
     ImageLoadError,
     MVTecCategory,
@@ -31,6 +32,8 @@ METRIC_KEYS = (
     "pixel_auroc",
     "aupro",
     "image_f1_max",
+    "achieved_fpr",
+    "recall",
     "fit_seconds",
     "predict_ms_per_image",
     "peak_rss_mb",
@@ -58,6 +61,11 @@ class CategoryResult:
     pixel_auroc: float | None
     aupro: float | None
     image_f1_max: float
+    # The stored threshold's decisions on the test set: the share of good images flagged
+    # (against the fpr asked for at fit) and of defective images flagged.
+    threshold: float | None
+    achieved_fpr: float | None
+    recall: float | None
     fit_seconds: float
     predict_ms_per_image: float
     peak_rss_mb: float
@@ -144,6 +152,8 @@ def evaluate_category(
         )
     labels = [sample.label for sample, _ in scored]
     scores = [prediction.score for _, prediction in scored]
+    threshold = getattr(detector, "threshold_", None)
+    achieved_fpr, recall = achieved_rates(np.array(labels), np.array(scores), threshold)
     pixel = region = maps = masks = None
     if category.has_masks:
         maps = [prediction.anomaly_map for _, prediction in scored]
@@ -166,6 +176,9 @@ def evaluate_category(
         pixel_auroc=pixel,
         aupro=region,
         image_f1_max=f1_max(labels, scores),
+        threshold=threshold,
+        achieved_fpr=achieved_fpr,
+        recall=recall,
         fit_seconds=fit_seconds,
         predict_ms_per_image=1000 * predict_seconds / max(1, len(scored)),
         peak_rss_mb=peak_rss_mb(),

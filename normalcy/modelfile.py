@@ -332,6 +332,8 @@ SCHEMA: dict[tuple[str, ...], tuple[Check, str, Any]] = {
         None,
     ),
     ("n_train",): (_integer(0), "a non-negative integer", _REQUIRED),
+    # Saved before calibration was recorded: unknown.
+    ("calibration",): (_optional(_is(dict)), "null or an object", None),
 }
 
 

@@ -162,14 +162,3 @@ def ranking_score(patch_scores: np.ndarray | torch.Tensor, sigma: float) -> floa
     without gap filling (filling raises the busy texture of normal images too, blurring the
     ranking)."""
     return image_score(score_map(patch_scores, sigma))
-
-
-def threshold_at_fpr(normal_scores: np.ndarray, fpr: float) -> float:
-    """The smallest threshold that at most `fpr` of the normal scores exceed."""
-    if not 0 <= fpr < 1:
-        raise ValueError(f"target false-positive rate must be in [0, 1), got {fpr}")
-    scores = np.sort(np.asarray(normal_scores, dtype=np.float64))
-    if scores.size == 0:
-        raise ValueError("no normal scores to set a threshold from")
-    allowed = int(np.floor(fpr * scores.size))
-    return float(scores[scores.size - 1 - allowed])

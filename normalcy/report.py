@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from normalcy.calibration import achieved_rates
 from normalcy.metrics import image_auroc, roc_curve
 from normalcy.visualize import encode_jpeg, heatmap, overlay, thumbnail, write_atomic
 
@@ -323,6 +324,15 @@ def write_report(
     if {im.label for im in labelled} >= {0, 1}:
         charts.append(_roc_svg(labelled))
     body += ["<h2>Scores</h2>", f'<div class="charts">{"".join(charts)}</div>']
+    if labelled:
+        labels = np.array([im.label for im in labelled])
+        fpr, recall = achieved_rates(labels, np.array([im.score for im in labelled]), threshold)
+        rates = [
+            f"{name} {value:.1%}"
+            for name, value in (("false-positive rate on good images", fpr), ("recall", recall))
+            if value is not None
+        ]
+        body.append(f"<p>At the threshold: {'; '.join(rates)}.</p>")
 
     colourbar = heatmap(np.tile(np.linspace(vmin, vmax, 200), (12, 1)), vmin, vmax)
     body += [

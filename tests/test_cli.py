@@ -25,11 +25,14 @@ METRIC_KEYS = {
     "pixel_auroc",
     "aupro",
     "image_f1_max",
+    "achieved_fpr",
+    "recall",
     "fit_seconds",
     "predict_ms_per_image",
     "peak_rss_mb",
 }
 RESULT_KEYS = METRIC_KEYS | {
+    "threshold",
     "category",
     "method",
     "backbone",

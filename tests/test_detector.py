@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from normalcy import Detector, Prediction, pipeline
 from normalcy.data import ImageLoadError, LoadedImage
 from normalcy.detector import augmentations, choose_setting
+from normalcy.methods.patchknn import PatchKNN
 from normalcy.modelfile import MODEL_FORMAT_VERSION, ModelFileError
 
 HEIGHT, WIDTH, SQUARE = 80, 96, 16
@@ -122,18 +124,46 @@ def test_anomaly_map_has_the_image_shape_and_peaks_on_the_defect(fitted: Detecto
         assert prediction.mask[top + SQUARE // 2, left + SQUARE // 2]
 
 
-def test_threshold_comes_from_the_held_out_normal_images(
+def test_every_normal_image_calibrates_the_threshold_scored_without_its_own_patches(
     fitted: Detector, data: dict[str, list[Path]]
 ) -> None:
-    # 20 normal images: every 10th (009.png, 019.png) is held out of the bank.
     assert fitted.n_train_ == 20
-    assert len(fitted.normal_scores_) == 2
-    assert fitted.threshold_ == max(fitted.normal_scores_)  # fpr 0.01 of 2 images: the max
-    assert "held-out" in fitted.threshold_source_
-    held_out = fitted.predict([data["train"][9], data["train"][19]])
-    np.testing.assert_allclose(_scores(held_out), fitted.normal_scores_, rtol=1e-5)
-    in_bank = fitted.predict(data["train"][0])
-    assert in_bank.score < min(fitted.normal_scores_)  # bank images match themselves
+    assert len(fitted.normal_scores_) == 20
+    assert fitted.calibration_.images == 20
+    assert fitted.calibration_.min_fpr == pytest.approx(1 / 21)
+    assert fitted.threshold_ == max(fitted.normal_scores_)  # 0.01 < 1/21: the largest score
+    assert "without its own patches" in fitted.threshold_source_
+    method = fitted.method_
+    for i in (0, 13):
+        # Each left-out score is what a bank without that image's patches would say.
+        own = method.bank_sources_ == i
+        assert own.any()
+        reduced = PatchKNN.from_state(
+            method.get_params(), {"memory_bank": method.memory_bank_[~own]}
+        )
+        probe = copy.copy(fitted)
+        probe.method_ = reduced
+        left_out = probe.predict(data["train"][i]).score
+        assert left_out == pytest.approx(fitted.normal_scores_[i], rel=1e-4)
+        assert fitted.predict(data["train"][i]).score < left_out  # its own patches match it
+
+
+def test_a_rate_below_what_the_normal_images_support_warns_and_says_so(
+    data: dict[str, list[Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    detector = Detector(**OPTIONS, fpr=0.01).fit(data["train"][:12])
+    assert detector.calibration_.images == 12
+    assert "can promise a false-positive rate of 0.0769 at best" in caplog.text
+    assert "at least 100 normal images" in caplog.text
+    assert detector.threshold_ == max(detector.normal_scores_)
+
+
+def test_the_gaussian_calibrates_on_every_tenth_image_held_out(
+    data: dict[str, list[Path]],
+) -> None:
+    detector = Detector(**OPTIONS, method="gaussian").fit(data["train"])
+    assert detector.calibration_.images == 2
+    assert "every 10th held out" in detector.threshold_source_
 
 
 def test_is_anomalous_follows_the_threshold(fitted: Detector, data: dict[str, list[Path]]) -> None:
@@ -640,9 +670,11 @@ def test_fused_method_separates_and_round_trips(
     predictions = detector.predict(data["bad"])
     good, bad = _scores(detector.predict(data["good"])), _scores(predictions)
     assert bad.min() > good.max()
-    # image scores come from the kNN part alone: the same as plain patch kNN's
-    np.testing.assert_allclose(bad, _scores(fitted.predict(data["bad"])), rtol=1e-5)
-    assert not np.allclose(predictions[0].anomaly_map, fitted.predict(data["bad"][0]).anomaly_map)
+    # image scores come from the kNN part alone: the same as its bank's patch kNN's
+    knn_only = copy.copy(fitted)
+    knn_only.method_ = detector.method_.knn_
+    np.testing.assert_allclose(bad, _scores(knn_only.predict(data["bad"])), rtol=1e-5)
+    assert not np.allclose(predictions[0].anomaly_map, knn_only.predict(data["bad"][0]).anomaly_map)
     # standardised on the two held-out normal images of the 20
     assert detector.threshold_ is not None and len(detector.normal_scores_) == 2
     assert detector.backbone_.context == 1.0 and detector.method_.context_half
@@ -724,11 +756,14 @@ def test_no_normal_images_points_to_zero_shot() -> None:
 # --- one lean predict path -----------------------------------------------------------------------
 
 # Threshold and scores (5 normal, then 5 anomalous test images) from the predict path before
-# the lean pipeline (commit b853c59: maps and image scores at full image size), float32.
+# the lean pipeline (commit b853c59: maps and image scores at full image size), float32;
+# full-shot patch kNN since its bank holds every normal image and every one calibrates the
+# threshold (left out in turn), pinned at the commit that made it so.
 BEFORE = {
     "patchknn": (
-        0.62704,
-        [0.66378, 0.60787, 0.6741, 0.62077, 0.595] + [2.21617, 2.22798, 2.2876, 2.29873, 2.10878],
+        0.71447,
+        [0.66631, 0.60885, 0.68293, 0.65557, 0.5938]
+        + [2.21558, 2.23077, 2.28986, 2.32025, 2.10845],
     ),
     "gaussian": (
         15.85252,

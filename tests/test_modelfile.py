@@ -343,8 +343,7 @@ def test_saves_killed_at_any_moment_never_lose_the_model_for_a_racing_reader(
     seen = json.loads(report.read_text())
     assert seen["reads"] > kills and seen["failures"] == 0, seen
     assert loaded["threshold"] > 0  # saves did complete between the kills
-    assert len(arrays_files(folder)) <= 2 + 1  # current, previous, and one a kill left
-    save_model(folder, config(), ARRAYS)
+    save_model(folder, config(), ARRAYS)  # removes what killed saves left
     assert len(arrays_files(folder)) <= 2
 
 

@@ -200,3 +200,28 @@ def test_bfloat16_search_gives_the_float32_distances() -> None:
     np.testing.assert_allclose(
         fast.score(query).numpy(), exact.score(query).numpy(), rtol=1e-3, atol=1e-3
     )
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_left_out_scores_search_the_bank_without_the_grids_own_patches(precision: str) -> None:
+    grids = _normal_grids(5)
+    method = PatchKNN(coreset_ratio=0.5, precision=precision).fit(grids)
+    assert method.bank_sources_.shape == (len(method.memory_bank_),)
+    assert set(method.bank_sources_) == set(range(5))
+    for source in (0, 3):
+        # The exact nearest patch among the others', whatever the search precision (bfloat16
+        # candidates cannot tell apart the near ties a bank's own images have).
+        others = method.memory_bank_[method.bank_sources_ != source]
+        exact = _brute_force(others, grids[source].reshape(-1, DIM)).reshape(6, 8)
+        (left_out,) = method.score_left_out([torch.from_numpy(grids[source])], [source])
+        np.testing.assert_allclose(left_out.patches.numpy(), exact, rtol=1e-4, atol=1e-4)
+
+
+def test_a_loaded_bank_cannot_score_left_out() -> None:
+    method = PatchKNN(coreset_ratio=1.0).fit(_normal_grids(2))
+    loaded = PatchKNN.from_state(method.get_params(), method.arrays())
+    with pytest.raises(RuntimeError, match="need the fit itself"):
+        loaded.score_left_out([torch.zeros(2, 2, DIM)], [0])
+    alone = PatchKNN(coreset_ratio=1.0).fit(_normal_grids(1))
+    with pytest.raises(ValueError, match="nothing left"):
+        alone.score_left_out([torch.zeros(2, 2, DIM)], [0])

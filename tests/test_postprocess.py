@@ -17,7 +17,6 @@ from normalcy.postprocess import (
     image_score,
     resize_map,
     score_map,
-    threshold_at_fpr,
 )
 
 # --- anomaly_map ---------------------------------------------------------------------------------
@@ -227,47 +226,3 @@ def test_image_score_with_another_fraction() -> None:
     as_tensor = torch.from_numpy(values)
     assert image_score(as_tensor, top_fraction=0.1) == pytest.approx(np.arange(90, 100).mean())
     assert isinstance(image_score(as_tensor), float)
-
-
-# --- threshold_at_fpr ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("fpr", [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.9])
-@pytest.mark.parametrize("n", [1, 7, 20, 100, 333])
-def test_at_most_fpr_of_normal_scores_exceed_the_threshold(fpr: float, n: int) -> None:
-    scores = np.random.default_rng(n).standard_normal(n)
-    threshold = threshold_at_fpr(scores, fpr)
-    exceeding = np.count_nonzero(scores > threshold)
-    assert exceeding <= fpr * n
-    # ...and it is the smallest such threshold among the scores: one step lower exceeds more.
-    lower = np.sort(scores)[np.sort(scores) < threshold]
-    if lower.size:
-        assert np.count_nonzero(scores > lower[-1]) > fpr * n
-
-
-def test_fpr_zero_gives_the_maximum() -> None:
-    scores = np.array([0.3, 5.0, 1.2, -4.0])
-    assert threshold_at_fpr(scores, 0.0) == 5.0
-    assert threshold_at_fpr(scores, 0.2) == 5.0  # 0.2 * 4 < 1: no score may exceed it
-
-
-def test_threshold_with_ties_never_lets_more_than_fpr_through() -> None:
-    scores = np.array([1.0, 2.0, 3.0, 3.0, 3.0])
-    threshold = threshold_at_fpr(scores, 0.2)
-    assert np.count_nonzero(scores > threshold) <= 1
-
-
-def test_threshold_accepts_lists_and_returns_float() -> None:
-    threshold = threshold_at_fpr([1, 2, 3, 4], 0.25)
-    assert isinstance(threshold, float) and threshold == 3.0
-
-
-@pytest.mark.parametrize("fpr", [-0.01, 1.0, 1.5])
-def test_fpr_outside_zero_to_one_is_rejected(fpr: float) -> None:
-    with pytest.raises(ValueError, match="false-positive rate"):
-        threshold_at_fpr(np.arange(10.0), fpr)
-
-
-def test_threshold_without_scores_is_rejected() -> None:
-    with pytest.raises(ValueError, match="no normal scores"):
-        threshold_at_fpr(np.array([]), 0.1)

@@ -33,6 +33,9 @@ class Method(Protocol):
     """Fit on normal feature grids, score grids, save and restore the fitted arrays."""
 
     name: ClassVar[str]
+    leaves_out: ClassVar[bool]
+    """Whether `score_left_out` can score the images of the fit as if each were left out
+    (then every normal image calibrates the threshold; else a held-out part does)."""
 
     def fit(self, grids: Iterable[torch.Tensor]) -> Method:
         """Learn from the feature grids of normal images (consumed once, in order)."""
@@ -45,6 +48,13 @@ class Method(Protocol):
     def score_held_out(self, grids: Iterable[torch.Tensor]) -> list[GridScores]:
         """Scores of held-out normal images; a method that standardises its scores learns
         their scale from these first."""
+        ...
+
+    def score_left_out(
+        self, grids: Sequence[torch.Tensor], sources: Sequence[int]
+    ) -> list[GridScores]:
+        """Scores of grids of the fit (the `sources[i]`-th grid it saw) as if each had been
+        left out of it; only where `leaves_out`."""
         ...
 
     def get_params(self) -> dict[str, Any]: ...
@@ -64,6 +74,8 @@ class Method(Protocol):
 
 class GridScorer:
     """Shared behaviour of methods that score each grid on its own (`score_grid`)."""
+
+    leaves_out: ClassVar[bool] = False
 
     def score_grid(self, grid: torch.Tensor) -> GridScores:
         raise NotImplementedError

@@ -50,6 +50,7 @@ class StreamingCoreset:
 
     Each chunk is reduced on arrival to `ratio` of its rows (a composable coreset), so only
     the reduced rows are kept; `finish` runs one more greedy pass down to `max_size` rows.
+    `sources_` then says which chunk (by arrival order) each row of the coreset came from.
     """
 
     def __init__(self, ratio: float, max_size: int, projection_dim: int = 128, seed: int = 0):
@@ -62,6 +63,7 @@ class StreamingCoreset:
         self.projection_dim = projection_dim
         self.seed = seed
         self._kept: list[np.ndarray] = []
+        self._sources: list[np.ndarray] = []
         self.n_seen = 0
 
     def add(self, chunk: np.ndarray) -> None:
@@ -69,15 +71,18 @@ class StreamingCoreset:
         n_keep = max(1, round(len(chunk) * self.ratio))
         indices = greedy_coreset(chunk, n_keep, self.projection_dim, self.seed + len(self._kept))
         self._kept.append(np.ascontiguousarray(chunk[np.sort(indices)], dtype=np.float32))
+        self._sources.append(np.full(len(indices), len(self._sources), dtype=np.int64))
         self.n_seen += len(chunk)
 
     def finish(self) -> np.ndarray:
         """The final (M, D) coreset, M <= max_size."""
         if not self._kept:
             raise ValueError("no features were added to the coreset")
-        kept = np.concatenate(self._kept)
-        self._kept = []
+        kept, sources = np.concatenate(self._kept), np.concatenate(self._sources)
+        self._kept, self._sources = [], []
         if len(kept) <= self.max_size:
+            self.sources_ = sources
             return kept
-        indices = greedy_coreset(kept, self.max_size, self.projection_dim, self.seed)
-        return kept[np.sort(indices)]
+        indices = np.sort(greedy_coreset(kept, self.max_size, self.projection_dim, self.seed))
+        self.sources_ = sources[indices]
+        return kept[indices]

@@ -162,6 +162,7 @@ class MutualScorer:
     """
 
     name = "mutual"
+    leaves_out = False  # nothing is fitted
 
     def __init__(
         self,

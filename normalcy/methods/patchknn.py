@@ -39,6 +39,7 @@ class PatchKNN(GridScorer):
     """
 
     name = "patchknn"
+    leaves_out = True
 
     def __init__(
         self,
@@ -74,6 +75,7 @@ class PatchKNN(GridScorer):
             patches = as_grid(grid).reshape(-1, grid.shape[-1])
             coreset.add(patches.cpu().numpy())
         self.memory_bank_ = coreset.finish()
+        self.bank_sources_ = coreset.sources_  # not saved: only calibration needs it
         self.n_patches_seen_ = coreset.n_seen
         self._indexes: dict[str, Any] = {}
         return self
@@ -128,6 +130,30 @@ class PatchKNN(GridScorer):
     def score_grid(self, grid: torch.Tensor) -> GridScores:
         return GridScores(self.score(grid))
 
+    def score_left_out(
+        self, grids: Sequence[torch.Tensor], sources: Sequence[int]
+    ) -> list[GridScores]:
+        """Scores of grids the bank was fitted from, each (the `sources[i]`-th grid of the
+        fit) searched against the bank without the patches that grid gave it: as if its image
+        had been left out (slightly above that, if anything, since the bank kept fewer
+        patches of similar images because of it)."""
+        if getattr(self, "bank_sources_", None) is None:
+            raise RuntimeError("left-out scores need the fit itself, not a loaded bank")
+        results = []
+        bank = ranking = None
+        for grid, source in zip(grids, sources, strict=True):
+            grid = as_grid(grid)
+            if bank is None:  # exact float32 ranking whatever the search precision
+                bank = torch.from_numpy(self.memory_bank_).to(grid.device)
+                ranking = torch.cat([bank, -0.5 * (bank**2).sum(1, keepdim=True)], dim=1).T
+            excluded = torch.from_numpy(self.bank_sources_ == source).to(grid.device)
+            if bool(excluded.all()):
+                raise ValueError("a bank made of one image has nothing left to score it against")
+            queries = grid.reshape(-1, grid.shape[-1])
+            distances = _nearest_excluding(queries, bank, ranking, excluded)
+            results.append(GridScores(distances.sqrt_().reshape(grid.shape[:-1])))
+        return results
+
     def score_batch(self, grids: Sequence[torch.Tensor]) -> list[GridScores]:
         """All patches of the batch searched together (one large product on a device)."""
         if not grids:
@@ -151,6 +177,7 @@ class PatchKNN(GridScorer):
         method = cls(**params)
         bank = fitted_array(arrays, "memory_bank", 2)
         method.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)
+        method.bank_sources_ = None
         method.n_patches_seen_ = None
         method._indexes = {}
         return method
@@ -172,6 +199,28 @@ def _nearest_bfloat16(
         nearest = ranked.topk(candidates, dim=1).indices
         found[start : start + chunk] = ((bank[nearest] - batch[:, None]) ** 2).sum(-1).amin(1)
     return found
+
+
+def _nearest_excluding(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    ranking: torch.Tensor,
+    excluded: torch.Tensor,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Squared distance of each query to its nearest bank patch among those not `excluded`:
+    candidates ranked by float32 products with `ranking` (as in `_nearest_exact`), the best
+    re-measured by differences."""
+    candidates = min(CANDIDATES, int((~excluded).sum()))
+    found = torch.empty(len(queries), device=queries.device)
+    for start in range(0, len(queries), chunk):
+        batch = queries[start : start + chunk]
+        ones = torch.ones(len(batch), 1, device=batch.device)
+        ranked = torch.cat([batch, ones], dim=1) @ ranking
+        ranked[:, excluded] = -torch.inf
+        nearest = ranked.topk(candidates, dim=1).indices
+        found[start : start + chunk] = ((bank[nearest] - batch[:, None]) ** 2).sum(-1).amin(1)
+    return found.clamp_(min=0)
 
 
 def _nearest_exact(
