@@ -650,3 +650,25 @@ def test_the_pixel_budget_bounds_what_is_held_and_serves_the_smallest_first() ->
 def test_header_pixels_reads_the_size_without_decoding() -> None:
     assert header_pixels(_png(np.zeros((30, 20, 3), np.uint8))) == 600
     assert header_pixels(b"not an image") == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\nabc',
+        b"this is not multipart at all",
+        b"--x\r\nContent-Disposition: form-data\r\n\r\n\r\n--x--\r\n",
+    ],
+    ids=["unterminated part", "no parts", "part without a name"],
+)
+def test_malformed_multipart_is_a_client_error_and_the_service_carries_on(
+    guarded: Server, dataset: Path, body: bytes
+) -> None:
+    response = httpx.post(
+        guarded.url + "/v1/models/fabric/predict",
+        content=body,
+        headers={"Content-Type": "multipart/form-data; boundary=x"},
+    )
+    assert 400 <= response.status_code < 500
+    assert response.json()["error"]["code"] in ("invalid_request", "http_error")
+    assert _post(guarded, _files(_images(dataset)["good"][0])).status_code == 200
