@@ -115,11 +115,9 @@ def flood_round(url: str, port: int, bodies: list[bytes], requests: int, threads
     outcomes: Counter[str] = Counter()
 
     def flood(worker: int) -> None:
-        kinds = ["two 40 MP", "32 x 40 MP", "1 GB body", "stalled body"]
-        count = worker
+        # One kind per thread, the costly one first: thread i sends kind i mod 4, forever.
+        kind = ["two 40 MP", "32 x 40 MP", "1 GB body", "stalled body"][worker % 4]
         while not stop.is_set():
-            kind = kinds[count % len(kinds)]
-            count += 1
             try:
                 if kind in ("two 40 MP", "32 x 40 MP"):
                     n = 2 if kind == "two 40 MP" else 32
@@ -181,7 +179,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests per round")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--flood", action="store_true", help="add the flood round")
-    parser.add_argument("--flood-clients", type=int, default=4)
+    parser.add_argument("--flood-clients", type=int, default=4, help="flooding threads")
     parser.add_argument("--json", type=Path, default=None, help="write the rounds here")
     args = parser.parse_args()
     category = find_categories(args.data)[0]

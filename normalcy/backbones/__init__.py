@@ -171,7 +171,10 @@ class Backbone(nn.Module):
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(3, H, W) float tensor in [0, 1] on the backbone's device, resized to the network
         input size (the uint8 image crosses to the device before it is resized)."""
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
+        image = np.ascontiguousarray(image)
+        if not image.flags.writeable:  # torch refuses to share read-only memory
+            image = image.copy()
+        pixels = torch.from_numpy(image).to(self.device, non_blocking=True)
         tensor = pixels.permute(2, 0, 1)[None].float()
         size = self.input_size(*image.shape[:2])
         # Scaled to [0, 1] after the resize, on the fewer pixels (resizing is linear).
