@@ -63,6 +63,17 @@ def _backbone_options(
         "--image-size", type=int, default=224, help="short side fed to the backbone (px)"
     )
     parser.add_argument(
+        "--tile-scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help="inspect in tiles of --image-size px cut from the image resized by S (1: its own "
+        "resolution), for defects a few pixels wide; cost grows with pixels: about "
+        "(H*S/(N-2c)+1) x (W*S/(N-2c)+1) backbone passes per image for N = --image-size and "
+        "c the patch size (14 px), at most 64 (larger images are tiled at a lower scale); "
+        "default: the whole image at --image-size",
+    )
+    parser.add_argument(
         "--layers", type=int, nargs="+", default=None, help="backbone blocks to use (0-based)"
     )
     parser.add_argument(
@@ -190,6 +201,7 @@ def _make_detector(args: argparse.Namespace, method: str | None = None, **extra)
         precision=args.precision,
         device=args.device,
         low_variance_fraction=args.low_variance if chosen == "gaussian" else None,
+        tile_scale=args.tile_scale,
         **extra,
     )
 
@@ -285,6 +297,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             upsample=args.upsample,
             precision=args.precision,
             device=args.device,
+            tile_scale=args.tile_scale,
         )
         return _write_predictions(args, detector, detector.zero_shot(args.paths), "zero-shot")
     if len(args.paths) < 2:

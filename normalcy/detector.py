@@ -138,9 +138,14 @@ class Detector:
         precision: str = "auto",
         low_variance_fraction: float | None = None,
         device: str = "auto",
+        tile_scale: float | None = None,
     ) -> None:
         if not 1 <= image_size <= MAX_IMAGE_SIZE:
             raise ValueError(f"image_size must be from 1 to {MAX_IMAGE_SIZE}, got {image_size}")
+        if tile_scale is not None and tile_scale <= 0:
+            raise ValueError(f"tile_scale must be positive or None, got {tile_scale}")
+        if tile_scale is not None and dense_map:
+            raise ValueError("the dense map is not available with tiles")
         if shots is not None and shots < 1:
             raise ValueError(f"shots must be at least 1, got {shots}")
         if not 0 <= fpr < 1:
@@ -184,6 +189,7 @@ class Detector:
         self.precision = precision
         self.low_variance_fraction = low_variance_fraction
         self.device = device
+        self.tile_scale = tile_scale
 
     # ----------------------------------------------------------------- features
     def _backbone(self) -> Backbone:
@@ -198,8 +204,14 @@ class Detector:
                 else self.context,
                 precision=self.precision,
                 device=self.device,
+                tile_scale=self.tile_scale,
             )
         return self.backbone_
+
+    @property
+    def decode_side(self) -> int | None:
+        """The short side images are decoded reduced to (None: full size, when tiling)."""
+        return None if self.tile_scale is not None else self.image_size
 
     def _pipeline(self, method: Method | None = None, dense: bool | None = None) -> Pipeline:
         """The predict path for `method` (by default the fitted one) with this detector's
@@ -248,7 +260,7 @@ class Detector:
         sources of the images yielded are appended to it, in order)."""
         bar = tqdm(total=len(sources), desc=what, unit="img", disable=not self.progress)
         self.skipped_: list[str] = getattr(self, "skipped_", [])
-        for source, item in zip(sources, decoded_ahead(sources, self.image_size), strict=True):
+        for source, item in zip(sources, decoded_ahead(sources, self.decode_side), strict=True):
             bar.update()
             if isinstance(item, ImageLoadError):
                 if record:
@@ -358,7 +370,7 @@ class Detector:
         step = math.ceil(len(readable) / CALIBRATION_MAX)
         positions = range(0, len(readable), step)
         chosen = [readable[p] for p in positions]
-        decoded = zip(positions, decoded_ahead(chosen, self.image_size), strict=True)
+        decoded = zip(positions, decoded_ahead(chosen, self.decode_side), strict=True)
         usable = ((p, item) for p, item in decoded if not isinstance(item, ImageLoadError))
         bar = tqdm(total=len(positions), desc="calibrate", unit="img", disable=not self.progress)
         backbone, maps = self._backbone(), MapSettings(self.sigma, self.closing, self.upsample)
@@ -474,7 +486,7 @@ class Detector:
 
         def decoded() -> Iterator[LoadedImage]:
             """The readable images, their places noted; errors kept in their places."""
-            for item in decoded_ahead(sources, self.image_size):
+            for item in decoded_ahead(sources, self.decode_side):
                 bar.update()
                 if isinstance(item, ImageLoadError):
                     log.warning("skipped %s", item)
@@ -558,6 +570,7 @@ class Detector:
                 "context": self.backbone_.context,
                 "precision": self.precision,
                 "weights_fingerprint": weights_fingerprint(self.backbone_),
+                "tile_scale": self.tile_scale,
             },
             "method": {"name": self.method, "params": self.method_.get_params()},
             "shots": self.shots,
@@ -616,6 +629,7 @@ class Detector:
                 precision=backbone["precision"],
                 low_variance_fraction=params.get("low_variance_fraction"),
                 device=device,
+                tile_scale=backbone["tile_scale"],
             )
             detector.method_ = method_from_state(method["name"], params, arrays)
             calibration = config["calibration"]
@@ -638,6 +652,7 @@ class Detector:
             context=detector.context,
             precision=detector.precision,
             device=device,
+            tile_scale=detector.tile_scale,
         )
         if weights_fingerprint(detector.backbone_) != backbone["weights_fingerprint"]:
             raise ValueError(

@@ -103,7 +103,7 @@ def _scored_by_fitting(
     # Decoded as predict decodes them (reduced where the file is much larger than the
     # backbone input), and timed with the prediction; maps are drawn at each image's
     # original size for the pixel metrics.
-    decoded = load_many([s.path for s in category.test], min_side=detector.image_size)
+    decoded = load_many([s.path for s in category.test], min_side=detector.decode_side)
     for sample in category.test:
         start = time.perf_counter()
         item = next(decoded)
@@ -132,7 +132,7 @@ def _scored_zero_shot(
         else:
             scored.append((sample, outcome))
             if on_sample is not None:
-                on_sample(sample, load_image(sample.path, min_side=detector.image_size), outcome)
+                on_sample(sample, load_image(sample.path, min_side=detector.decode_side), outcome)
     return 0.0, predict_seconds, scored
 
 

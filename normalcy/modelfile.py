@@ -313,6 +313,12 @@ SCHEMA: dict[tuple[str, ...], tuple[Check, str, Any]] = {
         "float32",
     ),
     ("backbone", "weights_fingerprint"): (_is(str), "a string", _REQUIRED),
+    # Saved before tiling existed: whole images.
+    ("backbone", "tile_scale"): (
+        _optional(_number(0.01, 16)),
+        "null or a number from 0.01 to 16",
+        None,
+    ),
     ("method",): (_is(dict), "an object", _REQUIRED),
     ("method", "name"): (_is(str), "a method name", _REQUIRED),
     ("method", "params"): (_is(dict), "an object", _REQUIRED),

@@ -203,7 +203,7 @@ class Pipeline:
     ) -> Iterator[Prediction | ImageLoadError]:
         """A prediction per source, in order; an unreadable source yields its error in its
         place. Decoding runs ahead in a thread, at the reduced size the backbone needs."""
-        decoded = decoded_ahead(sources, self.backbone.image_size)
+        decoded = decoded_ahead(sources, self.backbone.decode_side)
         pending: list[LoadedImage] = []
 
         def flush() -> Iterator[Prediction]:

@@ -554,7 +554,7 @@ def test_a_failed_scoring_answers_a_fixed_message_and_logs_the_details(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     class Failing:
-        image_size = 64
+        decode_side = 64
 
         def predict_images(self, images):
             raise RuntimeError("std::bad_alloc in some C++ frame")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normalcy.backbones.tiles import TILE_MARGIN, stitch, tile_origins, tiled_size
 from normalcy.backbones.weights import (
     Download,
     PackagedWeights,
@@ -121,8 +122,11 @@ class Backbone(nn.Module):
         context: float = 0.0,
         precision: str = "float32",
         channels_last: bool = False,
+        tile_scale: float | None = None,
     ) -> None:
         super().__init__()
+        if tile_scale is not None and tile_scale <= 0:
+            raise ValueError(f"tile_scale must be positive or None, got {tile_scale}")
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
         if not stride <= image_size <= MAX_IMAGE_SIZE:
@@ -142,6 +146,7 @@ class Backbone(nn.Module):
         self.layers = layers
         self.context = context
         self.precision = precision
+        self.tile_scale = tile_scale
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
@@ -168,15 +173,20 @@ class Backbone(nn.Module):
         blank = torch.zeros(1, 3, side, side, device=self.device)
         return int(aggregate(self(blank), self.pool, self.context).shape[1])
 
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """(3, H, W) float tensor in [0, 1] on the backbone's device, resized to the network
-        input size (the uint8 image crosses to the device before it is resized)."""
+    @property
+    def decode_side(self) -> int | None:
+        """The short side images may be decoded reduced to (None: full size, for tiles)."""
+        return None if self.tile_scale is not None else self.image_size
+
+    def preprocess(self, image: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(3, H, W) float tensor in [0, 1] on the backbone's device, resized to `size` (by
+        default the network input size); the uint8 image crosses to the device first."""
         image = np.ascontiguousarray(image)
         if not image.flags.writeable:  # torch refuses to share read-only memory
             image = image.copy()
         pixels = torch.from_numpy(image).to(self.device, non_blocking=True)
         tensor = pixels.permute(2, 0, 1)[None].float()
-        size = self.input_size(*image.shape[:2])
+        size = size or self.input_size(*image.shape[:2])
         # Scaled to [0, 1] after the resize, on the fewer pixels (resizing is linear).
         resized = F.interpolate(tensor, size=size, mode="bilinear", antialias=True)
         return resized[0].div_(255.0).clamp_(0, 1)
@@ -204,7 +214,14 @@ class Backbone(nn.Module):
         interleave the four grids into one (2h - 1, 2w - 1) grid at half the stride; its
         even rows and columns are the plain grid. The image context of every patch is taken
         from the plain grid's median patch.
+
+        With `tile_scale`, each image is tiled instead (see `tiles`): one grid of the whole
+        image at that scale of its own resolution, from tiles of `image_size` px.
         """
+        if self.tile_scale is not None:
+            if dense:
+                raise ValueError("the dense map is not available with tiles")
+            return [self._tiled(image, batch_size) for image in images]
         out: list[torch.Tensor | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
@@ -223,6 +240,33 @@ class Backbone(nn.Module):
             for i, grid in zip(indices, grids.permute(0, 2, 3, 1), strict=True):
                 out[i] = grid.contiguous()
         return out  # type: ignore[return-value]
+
+    def _tiled(self, image: np.ndarray, batch_size: int | None) -> torch.Tensor:
+        """The (h, w, C) grid of one image at `tile_scale`, stitched from its tiles'."""
+        tile = self.image_size
+        margin = TILE_MARGIN * self._cell()
+        size = tiled_size(*image.shape[:2], self.tile_scale, tile, self.stride, margin)
+        pixels = self.preprocess(image, size)
+        rows = tile_origins(size[0], tile, self.stride, margin)
+        columns = tile_origins(size[1], tile, self.stride, margin)
+        crops = [pixels[:, y : y + tile, x : x + tile] for y in rows for x in columns]
+        step = batch_size or len(crops)
+        grids = torch.cat(
+            [
+                aggregate(self(torch.stack(crops[i : i + step])), self.pool)
+                for i in range(0, len(crops), step)
+            ]
+        ).permute(0, 2, 3, 1)
+        stitched = stitch(grids, rows, columns, size, self._cell())
+        return with_context(stitched.permute(2, 0, 1)[None], self.context)[0].permute(1, 2, 0)
+
+    def _cell(self) -> int:
+        """Pixels per cell of the feature grid (the finest layer's stride)."""
+        if not hasattr(self, "_cell_px"):
+            side = self.image_size
+            blank = torch.zeros(1, 3, side, side, device=self.device)
+            self._cell_px = side // aggregate(self(blank), self.pool).shape[-2]
+        return self._cell_px
 
 
 def half_stride_views(batch: torch.Tensor, shift: int) -> torch.Tensor:
@@ -264,7 +308,12 @@ def aggregate(
         if grid.shape[-2:] != (height, width):
             grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
         parts.append(F.normalize(grid, dim=1))
-    features = torch.cat(parts, dim=1)
+    return with_context(torch.cat(parts, dim=1), context, views)
+
+
+def with_context(features: torch.Tensor, context: float, views: int = 1) -> torch.Tensor:
+    """(B, C, h, w) features, and with `context` > 0 each patch's difference from its
+    image's median patch appended (see `aggregate`)."""
     if context <= 0:
         return features
     median = features[::views].flatten(2).median(dim=2).values[..., None, None]
@@ -390,6 +439,7 @@ def create_backbone(
     context: float = 0.0,
     precision: str = "float32",
     device: str | torch.device = "cpu",
+    tile_scale: float | None = None,
 ) -> Backbone:
     """A ready, frozen backbone on `device` (see `resolve_device`); weights resolved as
     described in `weights.py`; precision may be "auto" (see `resolve_precision`)."""
@@ -400,5 +450,14 @@ def create_backbone(
     pool = default_pool if pool is None else pool
     arithmetic = resolve_precision(precision, device)
     return Backbone(
-        name, network, stride, image_size, pool, layers, context, arithmetic, channels_last
+        name,
+        network,
+        stride,
+        image_size,
+        pool,
+        layers,
+        context,
+        arithmetic,
+        channels_last,
+        tile_scale,
     ).to(device)

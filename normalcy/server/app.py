@@ -217,7 +217,7 @@ def create_app(models: dict[str, Detector], settings: ServiceSettings | None = N
             )
         # Scored as predict scores files: decoded reduced to what the backbone needs. The
         # bytes are kept only to draw overlays.
-        min_side = models[name].image_size
+        min_side = models[name].decode_side
         images = []
         for (upload_name, data), count in zip(uploads, pixels, strict=True):
             async with budget.hold(count):
