@@ -7,6 +7,8 @@ markdown table and writes every row's JSON to bench-results/.
     python benchmarks/run.py --rows lite0-224-full   # chosen rows only
     python benchmarks/run.py --rows dinov2-448-full --train-every 4 --test-every 3
                                                     # on a linked subsample, for slow rows
+    python benchmarks/run.py --data ../shared/data/deeppcb/pcb --rows dinov2-224-full \
+        dinov2-224-tiles1 --train-every 4 --test-every 4   # another data set: pcb-* files
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def _rows() -> dict[str, list[str]]:
             *("--method", "gaussian", "--layers", "2", "5", "8", "11"),
         ]
         rows[f"dinov2-{size}-fused"] = [*base, "--method", "patchknn+gaussian"]
+        # Tiles of the input size at the image's own resolution (small defects, large images).
+        rows[f"dinov2-{size}-tiles1"] = [*base, "--tile-scale", "1"]
         rows[f"dinov2-{size}-mutual"] = [*base, "--method", "mutual"]
         # Zero-shot with MuSc's neighbourhood sizes and image re-scoring (the default before).
         rows[f"dinov2-{size}-mutual-musc"] = [
@@ -74,8 +78,8 @@ ROWS = _rows()
 DEFAULT_ROWS = [name for name in ROWS if "-448-" not in name]
 
 
-def run_row(name: str, data: Path, out: Path, subsample: str) -> dict:
-    target = out / f"{name}{_file_tag(subsample)}.json"
+def run_row(name: str, data: Path, out: Path, subsample: str, prefix: str = "") -> dict:
+    target = out / f"{prefix}{name}{_file_tag(subsample)}.json"
     command = [
         sys.executable,
         "-m",
@@ -92,7 +96,7 @@ def run_row(name: str, data: Path, out: Path, subsample: str) -> dict:
     (setting,) = summary["settings"]
     row = {**setting["mean"], "n_train": summary["results"][0]["n_train"]}
     row["spread"] = setting["spread"]
-    row["name"] = name + subsample
+    row["name"] = prefix + name + subsample
     return row
 
 
@@ -141,10 +145,12 @@ def main() -> int:
             data = link_subsample(
                 category, Path(scratch) / category.name, args.train_every, args.test_every
             )
-        rows = [run_row(name, data, args.out, subsample) for name in args.rows]
+        # Rows of another data set than Magnetic Tile are named after it.
+        prefix = "" if args.data == DEFAULT_DATA else f"{args.data.name}-"
+        rows = [run_row(name, data, args.out, subsample, prefix) for name in args.rows]
     table = markdown(rows)
     print(table)
-    tag = _file_tag(subsample)
+    tag = (f"-{args.data.name}" if prefix else "") + _file_tag(subsample)
     (args.out / f"table{tag}.md").write_text(table + "\n")
     (args.out / f"rows{tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
