@@ -20,6 +20,7 @@ from normalcy.backbones import BACKBONES, DEVICES, PRECISIONS
 from normalcy.data import ImageLoadError, TestSample, expand_inputs, load_image, probe_image
 from normalcy.detector import (
     FUSED,
+    GOLDEN,
     MUTUAL,
     ZERO_SHOT_HINT,
     Detector,
@@ -281,6 +282,26 @@ def _write_maps(out: Path, stem: str, prediction: Prediction, vmax: float) -> di
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.reference:
+        if args.zero_shot or args.dense_map:
+            raise ValueError(
+                "--reference scores against its image alone: no --zero-shot or --dense-map"
+            )
+        detector = Detector(
+            backbone=args.backbone,
+            method=GOLDEN,
+            image_size=args.image_size,
+            layers=args.layers,
+            weights=args.weights,
+            threshold=args.threshold,
+            closing=args.closing,
+            upsample=args.upsample,
+            precision=args.precision,
+            device=args.device,
+            tile_scale=args.tile_scale,
+        ).fit([args.reference])
+        outcomes = detector.predict_iter(args.paths)
+        return _write_predictions(args, detector, outcomes, f"reference {args.reference}")
     if args.zero_shot:
         if args.dense_map:
             raise ValueError("--dense-map is for fitted models; zero-shot maps use the plain grid")
@@ -602,6 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--zero-shot",
         action="store_true",
         help="no model: score the inputs against each other (needs at least 3 images)",
+    )
+    predict.add_argument(
+        "--reference",
+        metavar="REF",
+        help="no model: score each input against this golden twin (an aligned, defect-free "
+        "image of the same part at the same size), patch by patch at the same place; "
+        "decisions need --threshold",
     )
     predict.add_argument("-o", "--output", help="folder for results.json (and maps)")
     predict.add_argument("--json", action="store_true", help="print JSON to stdout")

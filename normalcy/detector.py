@@ -33,6 +33,7 @@ from normalcy.data import (
 from normalcy.methods import create_method, method_from_state
 from normalcy.methods.base import GridScores, Method
 from normalcy.methods.fused import KNNGaussianFusion
+from normalcy.methods.golden import GoldenTemplate
 from normalcy.methods.mutual import MutualScorer
 from normalcy.modelfile import (
     MODEL_FORMAT,
@@ -50,6 +51,7 @@ log = logging.getLogger("normalcy")
 MIN_IMAGES_FOR_HOLDOUT = 10
 HOLDOUT_EVERY = 10  # every 10th normal image (by sorted name) is held out for the threshold
 MUTUAL = MutualScorer.name
+GOLDEN = GoldenTemplate.name
 FUSED = KNNGaussianFusion.name
 # Up to this many normal images, few-shot mode (every image in the bank, augmented) is chosen.
 FEW_SHOT_MAX = 16
@@ -146,6 +148,11 @@ class Detector:
             raise ValueError(f"tile_scale must be positive or None, got {tile_scale}")
         if tile_scale is not None and dense_map:
             raise ValueError("the dense map is not available with tiles")
+        if method == GOLDEN and shots is not None:
+            raise ValueError(
+                "golden templates compare each image with every reference as it is, aligned: "
+                "give the references without --shots (they are not augmented)"
+            )
         if shots is not None and shots < 1:
             raise ValueError(f"shots must be at least 1, got {shots}")
         if not 0 <= fpr < 1:
@@ -281,6 +288,8 @@ class Detector:
             )
         if self.method == "gaussian":
             return create_method(self.method, low_variance_fraction=self.low_variance_fraction)
+        if self.method == GOLDEN:
+            return create_method(self.method)
         ratio = 1.0 if few_shot else self.coreset_ratio
         extra = {"context_half": self._backbone().context > 0} if self.method == FUSED else {}
         return create_method(

@@ -6,12 +6,14 @@ from typing import Any
 
 from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.methods.gaussian import GaussianScorer
+from normalcy.methods.golden import GoldenTemplate
 from normalcy.methods.patchknn import PatchKNN
 
 METHODS: dict[str, type] = {
     PatchKNN.name: PatchKNN,
     GaussianScorer.name: GaussianScorer,
     KNNGaussianFusion.name: KNNGaussianFusion,
+    GoldenTemplate.name: GoldenTemplate,
 }
 
 
