@@ -281,45 +281,38 @@ def _write_maps(out: Path, stem: str, prediction: Prediction, vmax: float) -> di
     return files
 
 
+def _modelless_detector(args: argparse.Namespace, method: str, **extra) -> Detector:
+    """A detector from predict's own options, for the modes that need no saved model."""
+    return Detector(
+        backbone=args.backbone,
+        method=method,
+        image_size=args.image_size,
+        layers=args.layers,
+        weights=args.weights,
+        threshold=args.threshold,
+        progress=not args.json,
+        closing=args.closing,
+        upsample=args.upsample,
+        precision=args.precision,
+        device=args.device,
+        tile_scale=args.tile_scale,
+        **extra,
+    )
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.reference:
         if args.zero_shot or args.dense_map:
             raise ValueError(
                 "--reference scores against its image alone: no --zero-shot or --dense-map"
             )
-        detector = Detector(
-            backbone=args.backbone,
-            method=GOLDEN,
-            image_size=args.image_size,
-            layers=args.layers,
-            weights=args.weights,
-            threshold=args.threshold,
-            closing=args.closing,
-            upsample=args.upsample,
-            precision=args.precision,
-            device=args.device,
-            tile_scale=args.tile_scale,
-        ).fit([args.reference])
+        detector = _modelless_detector(args, GOLDEN).fit([args.reference])
         outcomes = detector.predict_iter(args.paths)
         return _write_predictions(args, detector, outcomes, f"reference {args.reference}")
     if args.zero_shot:
         if args.dense_map:
             raise ValueError("--dense-map is for fitted models; zero-shot maps use the plain grid")
-        detector = Detector(
-            backbone=args.backbone,
-            method=MUTUAL,
-            image_size=args.image_size,
-            layers=args.layers,
-            weights=args.weights,
-            threshold=args.threshold,
-            progress=not args.json,
-            scorer=_scorer(args),
-            closing=args.closing,
-            upsample=args.upsample,
-            precision=args.precision,
-            device=args.device,
-            tile_scale=args.tile_scale,
-        )
+        detector = _modelless_detector(args, MUTUAL, scorer=_scorer(args))
         return _write_predictions(args, detector, detector.zero_shot(args.paths), "zero-shot")
     if len(args.paths) < 2:
         raise ValueError(
