@@ -7,9 +7,11 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from importlib.resources import as_file, files
 from pathlib import Path
 
 import numpy as np
@@ -517,11 +519,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from normalcy.synthetic import make_demo_dataset
-
     out = Path(args.output)
-    dataset = make_demo_dataset(out / "data")
-    print(f"made a sample inspection set in {dataset}")
+    if args.synthetic:
+        from normalcy.synthetic import make_demo_dataset
+
+        dataset = make_demo_dataset(out / "data")
+        print(f"made a sample inspection set in {dataset}")
+    else:
+        dataset = out / "data" / "pcb"
+        with as_file(files("normalcy") / "demo_data") as embedded:
+            shutil.copytree(embedded / "pcb", dataset, dirs_exist_ok=True)
+            shutil.copy(embedded / "LICENSE", dataset.parent / "LICENSE")
+        print(f"copied the demo's circuit boards (DeepPCB subset, MIT licence) to {dataset}")
     args.progress = True
     report = out / "report.html"
     summary = run_eval(dataset, args, None, report)
@@ -726,6 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
     _detector_options(demo, [*sorted(METHODS), MUTUAL, "all"])
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--draws", type=int, default=1)
+    demo.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="use a generated fabric set instead of the embedded real circuit boards",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -511,3 +511,23 @@ def test_fit_chooses_few_or_full_shot_by_the_readable_images_only(
     assert "5 normal images: fitting patchknn 5-shot" in err
     assert "20 image(s) could not be read" in err
     assert json.loads((tmp_path / "model" / "config.json").read_text())["shots"] == 5
+
+
+# --- demo ----------------------------------------------------------------------------------------
+
+
+def test_demo_fits_evaluates_and_reports_on_the_embedded_circuit_boards(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), *FAST]) == 0
+    assert (out / "report.html").stat().st_size > 0
+    assert "MIT License" in (out / "data" / "LICENSE").read_text()
+    (result,) = json.loads((out / "results.json").read_text())["results"]
+    assert result["category"] == "pcb" and result["n_train"] == 40 and result["n_test"] == 24
+    assert 0.0 <= result["image_auroc"] <= 1.0
+
+
+def test_demo_can_still_use_the_generated_fabric(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--synthetic", *FAST]) == 0
+    (result,) = json.loads((out / "results.json").read_text())["results"]
+    assert result["category"] == "woven_fabric"
