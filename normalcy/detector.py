@@ -36,6 +36,9 @@ from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.methods.golden import GoldenTemplate
 from normalcy.methods.mutual import MutualScorer
 from normalcy.modelfile import (
+    MAX_CLOSING,
+    MAX_CONTEXT,
+    MAX_TILE_SCALE,
     MODEL_FORMAT,
     MODEL_FORMAT_VERSION,
     ModelFileError,
@@ -144,8 +147,14 @@ class Detector:
     ) -> None:
         if not 1 <= image_size <= MAX_IMAGE_SIZE:
             raise ValueError(f"image_size must be from 1 to {MAX_IMAGE_SIZE}, got {image_size}")
-        if tile_scale is not None and tile_scale <= 0:
-            raise ValueError(f"tile_scale must be positive or None, got {tile_scale}")
+        if tile_scale is not None and not 0 < tile_scale <= MAX_TILE_SCALE:
+            raise ValueError(
+                f"tile_scale must be in (0, {MAX_TILE_SCALE}] or None, got {tile_scale}"
+            )
+        if method == GOLDEN and dense_map:
+            raise ValueError(
+                "golden templates compare grids of the references' shape: no dense map"
+            )
         if tile_scale is not None and dense_map:
             raise ValueError("the dense map is not available with tiles")
         if method == GOLDEN and shots is not None:
@@ -157,10 +166,12 @@ class Detector:
             raise ValueError(f"shots must be at least 1, got {shots}")
         if not 0 <= fpr < 1:
             raise ValueError(f"fpr must be in [0, 1), got {fpr}")
-        if context is not None and context < 0:
-            raise ValueError(f"context must be non-negative, got {context}")
-        if closing < 1:
-            raise ValueError(f"closing must be at least 1 patch (1 = off), got {closing}")
+        if context is not None and not 0 <= context <= MAX_CONTEXT:
+            raise ValueError(f"context must be from 0 to {MAX_CONTEXT}, got {context}")
+        if not 1 <= closing <= MAX_CLOSING:
+            raise ValueError(
+                f"closing must be at least 1 patch (1 = off), at most {MAX_CLOSING}, got {closing}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         MapSettings(sigma, closing, upsample)  # refuses an unknown upsampling before a fit

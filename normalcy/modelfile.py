@@ -46,6 +46,10 @@ READABLE_VERSIONS = (1, 2)
 CONFIG = "config.json"
 LEGACY_ARRAYS = "method.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
+# The largest settings a model may carry (Detector refuses larger ones before a fit).
+MAX_CONTEXT = 100
+MAX_CLOSING = 15
+MAX_TILE_SCALE = 16
 _ARRAYS_NAME = re.compile(r"method-[0-9a-f]{16}\.safetensors")
 _CONFIG_TEMPORARY = re.compile(r"\.config\.json\.tmp-[0-9a-f]{16}")
 READ_ATTEMPTS = 3  # a reader overtaken by this many saves in a row gives up
@@ -305,7 +309,7 @@ SCHEMA: dict[tuple[str, ...], tuple[Check, str, Any]] = {
     ),
     ("backbone", "layers"): (_layers, "a non-empty list of layer numbers", _REQUIRED),
     ("backbone", "pool"): (_integer(1, 15), "an integer from 1 to 15", _REQUIRED),
-    ("backbone", "context"): (_number(0, 100), "a number from 0 to 100", 0.0),
+    ("backbone", "context"): (_number(0, MAX_CONTEXT), f"a number from 0 to {MAX_CONTEXT}", 0.0),
     # Saved before the option existed: fitted in float32, so scores stay the same.
     ("backbone", "precision"): (
         _one_of("auto", "float32", "bfloat16"),
@@ -315,8 +319,8 @@ SCHEMA: dict[tuple[str, ...], tuple[Check, str, Any]] = {
     ("backbone", "weights_fingerprint"): (_is(str), "a string", _REQUIRED),
     # Saved before tiling existed: whole images.
     ("backbone", "tile_scale"): (
-        _optional(_number(0.01, 16)),
-        "null or a number from 0.01 to 16",
+        _optional(_number(0.01, MAX_TILE_SCALE)),
+        f"null or a number from 0.01 to {MAX_TILE_SCALE}",
         None,
     ),
     ("method",): (_is(dict), "an object", _REQUIRED),
@@ -327,7 +331,7 @@ SCHEMA: dict[tuple[str, ...], tuple[Check, str, Any]] = {
     ("fpr",): (_number(0, below=1), "a number in [0, 1)", _REQUIRED),
     ("sigma",): (_number(0, 1000), "a number from 0 to 1000", _REQUIRED),
     ("dense_map",): (_is(bool), "true or false", False),
-    ("closing",): (_integer(1, 15), "an integer from 1 to 15", 1),
+    ("closing",): (_integer(1, MAX_CLOSING), f"an integer from 1 to {MAX_CLOSING}", 1),
     ("upsample",): (_one_of("bilinear", "bicubic"), "bilinear or bicubic", "bilinear"),
     ("threshold",): (_optional(_number(-math.inf)), "null or a finite number", _REQUIRED),
     ("threshold_source",): (_optional(_is(str)), "null or a string", _REQUIRED),

@@ -325,8 +325,11 @@ def write_report(
         charts.append(_roc_svg(labelled))
     body += ["<h2>Scores</h2>", f'<div class="charts">{"".join(charts)}</div>']
     if labelled:
+        # From each image's own decision: images of several methods or categories each
+        # carry their own threshold.
         labels = np.array([im.label for im in labelled])
-        fpr, recall = achieved_rates(labels, np.array([im.score for im in labelled]), threshold)
+        flagged = np.array([float(bool(im.is_anomalous)) for im in labelled])
+        fpr, recall = achieved_rates(labels, flagged, 0.5)
         rates = [
             f"{name} {value:.1%}"
             for name, value in (("false-positive rate on good images", fpr), ("recall", recall))

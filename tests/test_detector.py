@@ -506,6 +506,8 @@ def test_an_image_size_beyond_the_maximum_is_refused_before_a_fit() -> None:
 
 
 def test_a_closing_narrower_than_one_patch_is_refused() -> None:
+    with pytest.raises(ValueError, match="at most 15"):
+        Detector(closing=20)  # a model the loader would refuse is never fitted
     with pytest.raises(ValueError, match="closing must be at least 1"):
         Detector(closing=0)
 

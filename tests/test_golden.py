@@ -62,6 +62,10 @@ def test_references_of_other_sizes_and_misfit_images_are_refused() -> None:
         GoldenTemplate(radius=-1)
     with pytest.raises(ValueError, match="without --shots"):
         Detector(method="golden", shots=2)
+    with pytest.raises(ValueError, match="no dense map"):
+        Detector(method="golden", dense_map=True)
+    with pytest.raises(ValueError, match="radius must be from 0 to 8"):
+        GoldenTemplate(radius=100_000)
 
 
 def test_left_out_references_are_scored_against_the_others_and_state_round_trips() -> None:

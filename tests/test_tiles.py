@@ -46,6 +46,8 @@ def test_large_images_are_tiled_at_a_lower_scale_within_the_tile_limit() -> None
     assert tile_count(*size, 224, 14, 14) <= MAX_TILES
     assert tiled_size(300, 200, 1.0, 224, 14, 14) == (336, 224)  # short side up to a tile
     assert tiled_size(640, 640, 0.5, 224, 14, 14) == (322, 322)
+    for strip in ((4, 4000), (10, 100_000), (100_000, 10)):  # one tile across, far too long
+        assert tile_count(*tiled_size(*strip, 1.0, 224, 14, 14), 224, 14, 14) <= MAX_TILES
 
 
 class _Cells(nn.Module):
@@ -53,6 +55,13 @@ class _Cells(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [nn.functional.avg_pool2d(x, 8)]
+
+
+def test_an_image_size_off_the_stride_still_tiles_whole_cells() -> None:
+    tiled = Backbone("cells", _Cells(), 8, 36, 1, (0,), tile_scale=1.0)  # tiles of 32 px
+    image = np.random.default_rng(1).integers(0, 256, (100, 90, 3), dtype=np.uint8)
+    (grid,) = tiled.features([image])
+    assert grid.shape == (12, 11, 3)
 
 
 def test_stitched_features_equal_the_whole_images_where_features_are_local() -> None:
@@ -99,5 +108,5 @@ def test_a_tiled_model_saves_its_scale_and_scores_the_same_loaded(tmp_path) -> N
     assert loaded.predict(test).score == pytest.approx(detector.predict(test).score, rel=1e-5)
     with pytest.raises(ValueError, match="dense map is not available with tiles"):
         Detector(tile_scale=1.0, dense_map=True)
-    with pytest.raises(ValueError, match="tile_scale must be positive"):
+    with pytest.raises(ValueError, match="tile_scale must be in"):
         Detector(tile_scale=0)

@@ -243,7 +243,7 @@ class Backbone(nn.Module):
 
     def _tiled(self, image: np.ndarray, batch_size: int | None) -> torch.Tensor:
         """The (h, w, C) grid of one image at `tile_scale`, stitched from its tiles'."""
-        tile = self.image_size
+        tile = self.image_size // self.stride * self.stride  # tiles line up with the grid
         margin = TILE_MARGIN * self._cell()
         size = tiled_size(*image.shape[:2], self.tile_scale, tile, self.stride, margin)
         pixels = self.preprocess(image, size)
@@ -263,7 +263,7 @@ class Backbone(nn.Module):
     def _cell(self) -> int:
         """Pixels per cell of the feature grid (the finest layer's stride)."""
         if not hasattr(self, "_cell_px"):
-            side = self.image_size
+            side = self.image_size // self.stride * self.stride
             blank = torch.zeros(1, 3, side, side, device=self.device)
             self._cell_px = side // aggregate(self(blank), self.pool).shape[-2]
         return self._cell_px

@@ -24,19 +24,22 @@ def tiled_size(
 ) -> tuple[int, int]:
     """The size (multiples of `step`) an image of `height` x `width` is tiled at: `scale`
     times its own, its short side at least one tile (aspect kept), and lowered until it
-    takes at most `MAX_TILES` tiles."""
+    takes at most `MAX_TILES` tiles; a strip too long even at one tile across has its long
+    side held there (squeezed, as whole images are past `MAX_ASPECT`)."""
     if scale <= 0:
         raise ValueError(f"tile scale must be positive, got {scale}")
     scale = max(scale, tile / min(height, width))
+    size = (height, width)
     while True:
         size = (
             max(tile, round(height * scale / step) * step),
             max(tile, round(width * scale / step) * step),
         )
-        count = tile_count(*size, tile, step, margin)
-        if count <= MAX_TILES or min(size) <= tile:
-            return size
+        if tile_count(*size, tile, step, margin) <= MAX_TILES or min(size) <= tile:
+            break
         scale *= 0.9
+    longest = tile + (MAX_TILES - 1) * (tile - 2 * margin) // step * step
+    return min(size[0], longest), min(size[1], longest)
 
 
 def tile_origins(length: int, tile: int, step: int, margin: int) -> list[int]:

@@ -17,6 +17,8 @@ import torch
 
 from normalcy.methods.base import GridScorer, GridScores, as_grid, fitted_array
 
+MAX_RADIUS = 8  # cells of misalignment tolerated at most
+
 
 class GoldenTemplate(GridScorer):
     """Position-restricted nearest neighbour over aligned reference grids (R, h, w, C)."""
@@ -25,8 +27,8 @@ class GoldenTemplate(GridScorer):
     leaves_out = True
 
     def __init__(self, radius: int = 1) -> None:
-        if radius < 0:
-            raise ValueError(f"radius must be a non-negative number of cells, got {radius}")
+        if not 0 <= radius <= MAX_RADIUS:
+            raise ValueError(f"radius must be from 0 to {MAX_RADIUS} cells, got {radius}")
         self.radius = radius
 
     def get_params(self) -> dict[str, Any]:

@@ -166,7 +166,7 @@ class RequestGuard:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.read_timeout)
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # distinct before Python 3.11
                 message = None
                 seconds = f"{self.read_timeout:g}"
                 refused.append(Refusal(408, "read_timeout", f"no request data for {seconds} s"))
