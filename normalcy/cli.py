@@ -700,7 +700,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="most pixels of all images of one request (pixels / 1e6)",
     )
     serve.add_argument(
-        "--read-timeout", type=float, default=30, help="seconds a request body may stall (408)"
+        "--read-timeout",
+        type=float,
+        default=30,
+        help="seconds a request body may stall; all of it must arrive within this plus 1 s "
+        "per 16 KiB (408)",
     )
     serve.add_argument("--max-batch", type=int, default=8, help="images scored together")
     serve.add_argument(

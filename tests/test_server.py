@@ -672,3 +672,24 @@ def test_malformed_multipart_is_a_client_error_and_the_service_carries_on(
     assert 400 <= response.status_code < 500
     assert response.json()["error"]["code"] in ("invalid_request", "http_error")
     assert _post(guarded, _files(_images(dataset)["good"][0])).status_code == 200
+
+
+def test_a_trickled_body_gets_408_though_each_part_comes_in_time(guarded: Server) -> None:
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/models/fabric/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 5000\r\n\r\n"
+        )
+        start = time.monotonic()
+        answer = b""
+        sock.settimeout(0.6)  # under the 1 s read timeout between parts
+        while not answer and time.monotonic() - start < 8:
+            try:
+                sock.sendall(b"-")
+                answer = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+    assert answer.startswith(b"HTTP/1.1 408") and b"read_timeout" in answer
+    assert time.monotonic() - start < 4

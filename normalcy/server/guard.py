@@ -7,7 +7,8 @@
   is refused unless that origin was allowed with `--allowed-origin`.
 - A body larger than `max_body` bytes is refused before any of it is read when its
   Content-Length says so, else as soon as what arrived passes the limit.
-- A body that stops arriving: each part of it must come within `read_timeout` seconds.
+- A body that stops arriving, or trickles: all of it must arrive within `read_timeout`
+  seconds plus one second per `MIN_BODY_RATE` bytes.
 
 Refusals are answered as JSON with a stable code, like every other error of the service.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
@@ -25,6 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MIN_BODY_RATE = 16 * 1024  # bytes per second a request body must keep up, after the timeout
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_ADDRESSES = frozenset({"0.0.0.0", "::", ""})
 
@@ -154,22 +157,32 @@ class RequestGuard:
             )
 
     def _guarded(self, receive: Receive, refused: list[Refusal]) -> Receive:
-        """`receive`, ending a body part that takes longer than `read_timeout` or a body past
-        `max_body` as a disconnect (the refusal noted in `refused`); once the body is
-        complete, it waits untimed (for the client's disconnect)."""
+        """`receive`, ending as a disconnect (the refusal noted in `refused`) a body past
+        `max_body`, or one that arrives slower than `read_timeout` seconds plus a second per
+        `MIN_BODY_RATE` bytes so far (a client trickling a byte now and then cannot hold its
+        connection); once the body is complete, it waits untimed (for a disconnect)."""
         complete = False
         received = 0
+        start = time.monotonic()
 
         async def guarded_receive() -> Message:
             nonlocal complete, received
             if complete:
                 return await receive()
+            allowed = self.read_timeout + received / MIN_BODY_RATE - (time.monotonic() - start)
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout)
+                message = await asyncio.wait_for(receive(), max(0.0, allowed))
             except (TimeoutError, asyncio.TimeoutError):  # distinct before Python 3.11
                 message = None
                 seconds = f"{self.read_timeout:g}"
-                refused.append(Refusal(408, "read_timeout", f"no request data for {seconds} s"))
+                refused.append(
+                    Refusal(
+                        408,
+                        "read_timeout",
+                        f"the request body stalled (no data for {seconds} s, or slower "
+                        f"than {MIN_BODY_RATE // 1024} KiB/s)",
+                    )
+                )
             if message is not None and message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if self.max_body is not None and received > self.max_body:
