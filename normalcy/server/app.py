@@ -9,11 +9,12 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -218,10 +219,15 @@ def create_app(models: dict[str, Detector], settings: ServiceSettings | None = N
         # Scored as predict scores files: decoded reduced to what the backbone needs. The
         # bytes are kept only to draw overlays.
         min_side = models[name].decode_side
-        images = []
-        for (upload_name, data), count in zip(uploads, pixels, strict=True):
-            async with budget.hold(count):
-                images.append(await _decode(upload_name, data, settings, fail, min_side))
+
+        async def decoded() -> list[LoadedImage]:
+            images = []
+            for (upload_name, data), count in zip(uploads, pixels, strict=True):
+                async with budget.hold(count):
+                    images.append(await _decode(upload_name, data, settings, fail, min_side))
+            return images
+
+        images = await _while_connected(request, decoded(), fail)
         start = time.perf_counter()
         try:
             futures = worker.submit(images)
@@ -262,19 +268,27 @@ def create_app(models: dict[str, Detector], settings: ServiceSettings | None = N
     return app
 
 
-async def _scored(request: Request, futures: list[Future], fail) -> list[Prediction]:
-    """The predictions of queued images; if the client goes away first, its images are taken
-    off the queue (those not yet scoring) and nothing more is done for it."""
-    waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+async def _while_connected(request: Request, work: Awaitable[Any], fail) -> Any:
+    """The result of `work`; if the client goes away first, `work` is cancelled (queued images
+    leave the queue, a decode waiting for the pixel budget stops waiting) and the request
+    ends with 499."""
+    task = asyncio.ensure_future(work)
     while True:
-        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
         if done:
-            break
+            return task.result()
         if await request.is_disconnected():
-            waiting.cancel()  # cancels the queued futures too
+            task.cancel()
             raise fail(499, "client_closed", "the client closed the connection")
+
+
+async def _scored(request: Request, futures: list[Future], fail) -> list[Prediction]:
+    """The predictions of queued images, for as long as the client waits for them."""
+    waiting = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
     try:
-        return waiting.result()
+        return await _while_connected(request, waiting, fail)
+    except ServiceError:
+        raise
     except Exception as error:
         log.error("scoring failed", exc_info=error)
         raise fail(
