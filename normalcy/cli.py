@@ -34,7 +34,13 @@ from normalcy.methods import METHODS
 from normalcy.methods.mutual import MutualScorer
 from normalcy.postprocess import UPSAMPLING, resize_map
 from normalcy.report import ReportImage, write_report
-from normalcy.visualize import bounded_overlay, bounded_size, save_png, thumbnail, write_atomic
+from normalcy.visualize import (
+    bounded_overlay,
+    overlay_decode_side,
+    save_png,
+    thumbnail,
+    write_atomic,
+)
 
 EXIT_SOME_SKIPPED = 3  # predict: some inputs could not be read; the others were scored
 SHUTDOWN_S = 10  # serve: on SIGTERM, requests in flight get this long, then are cancelled
@@ -273,9 +279,7 @@ def _write_maps(out: Path, stem: str, prediction: Prediction, vmax: float) -> di
     if mask is not None:
         save_png(out / f"{stem}_mask.png", mask)
         files["mask"] = f"{stem}_mask.png"
-    # Decoded reduced to no less than the overlay's size (min_side is half what is kept).
-    side = min(bounded_size(size, MAX_OVERLAY_PIXELS))
-    image = load_image(prediction.name, min_side=max(1, side // 2))
+    image = load_image(prediction.name, min_side=overlay_decode_side(size, MAX_OVERLAY_PIXELS))
     shown, _ = bounded_overlay(
         image, prediction.score_map, size, vmax, threshold, MAX_OVERLAY_PIXELS
     )

@@ -194,6 +194,14 @@ def _load_file(
     return _decode_stream(path, name, max_pixels, min_side)
 
 
+def header_size(source: Path | BinaryIO) -> tuple[int, int]:
+    """(height, width) from an image file's header, nothing decoded (Pillow's errors pass)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(source, formats=PIL_FORMATS) as image:
+            return image.height, image.width
+
+
 def probe_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> ImageLoadError | None:
     """None when `source` looks loadable from its header alone (a supported image within
     `max_pixels`), else the error loading it would give; cheap: nothing is decoded. Arrays
@@ -207,10 +215,7 @@ def probe_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> ImageLoadEr
             raise ImageLoadError(name, "is a directory, not an image file")
         if path.stat().st_size == 0:
             raise ImageLoadError(name, "empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=PIL_FORMATS) as image:
-                _check_size(name, image.height, image.width, max_pixels)
+        _check_size(name, *header_size(path), max_pixels)
     except ImageLoadError as error:
         return error
     except FileNotFoundError:

@@ -231,6 +231,9 @@ class Detector:
         """The short side images are decoded reduced to (None: full size, when tiling)."""
         return None if self.tile_scale is not None else self.image_size
 
+    def _maps(self) -> MapSettings:
+        return MapSettings(self.sigma, self.closing, self.upsample)
+
     def _pipeline(self, method: Method | None = None, dense: bool | None = None) -> Pipeline:
         """The predict path for `method` (by default the fitted one) with this detector's
         settings and thresholds. The dense map's masks use its own level where the fit set
@@ -241,7 +244,7 @@ class Detector:
         return Pipeline(
             backbone=self._backbone(),
             method=self.method_ if method is None else method,
-            maps=MapSettings(self.sigma, self.closing, self.upsample),
+            maps=self._maps(),
             dense=dense,
             batch_size=self.batch_size,
             threshold=getattr(self, "threshold_", None),
@@ -393,7 +396,7 @@ class Detector:
         decoded = zip(positions, decoded_ahead(chosen, self.decode_side), strict=True)
         usable = ((p, item) for p, item in decoded if not isinstance(item, ImageLoadError))
         bar = tqdm(total=len(positions), desc="calibrate", unit="img", disable=not self.progress)
-        backbone, maps = self._backbone(), MapSettings(self.sigma, self.closing, self.upsample)
+        backbone, maps = self._backbone(), self._maps()
         results, dense_peaks = [], []
         while window := list(itertools.islice(usable, self.batch_size)):
             where, pixels = [p for p, _ in window], [item.image for _, item in window]
@@ -680,11 +683,11 @@ class Detector:
                 "now; its memory bank would not match these features. Pass the original weights."
             )
         expected = detector.method_.n_features_in_
-        if expected is not None and expected != detector.backbone_.feature_dims():
+        found = None if expected is None else detector.backbone_.feature_dims()
+        if expected != found:
             raise ModelFileError(
                 arrays_file,
-                f"holds {expected}-dim features; {backbone['name']} with this config gives "
-                f"{detector.backbone_.feature_dims()}",
+                f"holds {expected}-dim features; {backbone['name']} with this config gives {found}",
             )
         return detector
 

@@ -109,6 +109,12 @@ def bounded_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
     return max(1, int(height * scale)), max(1, int(width * scale))
 
 
+def overlay_decode_side(image_size: tuple[int, int], max_pixels: int) -> int:
+    """The `min_side` to decode an image at for its overlay of at most `max_pixels`: loading
+    keeps at least twice `min_side`, so the decode is never smaller than the overlay."""
+    return max(1, min(bounded_size(image_size, max_pixels)) // 2)
+
+
 def bounded_overlay(
     image: np.ndarray,
     scale_map: torch.Tensor,

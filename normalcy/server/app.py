@@ -41,7 +41,7 @@ from normalcy.server.batching import BatchingWorker, QueueFullError
 from normalcy.server.budget import PixelBudget, header_pixels
 from normalcy.server.guard import RequestGuard, allowed_hosts
 from normalcy.server.metrics import Metrics
-from normalcy.visualize import bounded_overlay, bounded_size, encode_png
+from normalcy.visualize import bounded_overlay, encode_png, overlay_decode_side
 
 log = logging.getLogger("normalcy.server")
 
@@ -373,9 +373,7 @@ def _result(
     }
     if data is None or settings is None:
         return result
-    height, width = bounded_size(prediction.image_size, settings.max_overlay_pixels)
-    # Decoded reduced to no less than the overlay's size (min_side is half what is kept).
-    side = max(1, min(height, width) // 2)
+    side = overlay_decode_side(prediction.image_size, settings.max_overlay_pixels)
     image = load_image_bytes(data, prediction.name, settings.max_pixels, side)
     vmax = 2 * prediction.threshold if prediction.threshold else None
     vmax = vmax or float(np.percentile(prediction.score_map, 99.5)) or 1.0

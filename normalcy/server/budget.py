@@ -9,12 +9,11 @@ import contextlib
 import heapq
 import io
 import itertools
-import warnings
 from collections.abc import AsyncIterator
 
 from PIL import Image, UnidentifiedImageError
 
-from normalcy.data import PIL_FORMATS
+from normalcy.data import header_size
 
 
 class PixelBudget:
@@ -59,9 +58,7 @@ def header_pixels(data: bytes) -> int:
     """Width x height from an encoded image's header, nothing decoded; 0 if unreadable (the
     decode that follows names the problem)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
-                return image.width * image.height
+        height, width = header_size(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return 0
+    return height * width
