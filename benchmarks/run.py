@@ -70,12 +70,18 @@ def _rows() -> dict[str, list[str]]:
     lite = ["--backbone", "efficientnet_lite0", "--image-size", "224"]
     rows["lite0-224-full"] = lite
     rows["lite0-224-1shot"] = [*lite, "--shots", "1", *DRAWS]
+    # Small defects on large images: the stride-8 grid on tiles at 1x and 2x the image's size.
+    rows["lite0-224-tiles1"] = [*lite, "--tile-scale", "1"]
+    rows["lite0-224-tiles2"] = [*lite, "--tile-scale", "2"]
+    small = [*lite, "--tile-scale", "2", "--context", "0"]
+    rows["lite0-224-tiles2-nocontext"] = small
+    rows["lite0-224-tiles2-nocontext-noclosing"] = [*small, "--closing", "1"]
     return rows
 
 
 ROWS = _rows()
-# The 448 px rows take 4-16x longer; run them by name, on a subsample (see the README).
-DEFAULT_ROWS = [name for name in ROWS if "-448-" not in name]
+# The 448 px and tiled rows take 4-40x longer; run them by name, on a subsample (see README).
+DEFAULT_ROWS = [name for name in ROWS if "-448-" not in name and "tiles" not in name]
 
 
 def run_row(name: str, data: Path, out: Path, subsample: str, prefix: str = "") -> dict:

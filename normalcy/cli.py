@@ -79,8 +79,10 @@ def _backbone_options(
         help="inspect in tiles of --image-size px cut from the image resized by S (1: its own "
         "resolution), for defects a few pixels wide; cost grows with pixels: about "
         "(H*S/(N-2c)+1) x (W*S/(N-2c)+1) backbone passes per image for N = --image-size and "
-        "c the patch size (14 px), at most 64 (larger images are tiled at a lower scale); "
-        "default: the whole image at --image-size",
+        "c the grid cell (14 px for DINOv2, 8 for efficientnet_lite0), at most 64 (larger "
+        "images are tiled at a lower scale); for small defects on boards: --backbone "
+        "efficientnet_lite0 --tile-scale 2 --context 0 --closing 1; default: the whole "
+        "image at --image-size",
     )
     parser.add_argument(
         "--layers", type=int, nargs="+", default=None, help="backbone blocks to use (0-based)"
