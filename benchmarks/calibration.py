@@ -33,7 +33,7 @@ def measure(name: str, root: Path) -> dict:
     detector.fit(category.train)
     fit_seconds = time.perf_counter() - start
     labels, scores = [], []
-    decoded = load_many([s.path for s in category.test], min_side=detector.image_size)
+    decoded = load_many([s.path for s in category.test], min_side=detector.decode_side)
     for sample, item in zip(category.test, decoded, strict=True):
         if isinstance(item, ImageLoadError):
             continue

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from normalcy.data import load_image
+from normalcy.data import load_image, load_mask
 from normalcy.detector import GOLDEN, Detector
 from normalcy.evaluate import peak_rss_mb
 from normalcy.metrics import aupro, image_auroc, pixel_auroc
@@ -79,7 +79,7 @@ def main() -> int:
     started = time.perf_counter()
     for index, (tested_path, template_path, mask_path) in enumerate(found):
         tested, template = load_image(tested_path), load_image(template_path)
-        mask = np.asarray(load_image(mask_path))[..., 0] > 127
+        mask = load_mask(mask_path, tested.shape[:2])
         detector.fit([template])  # the backbone is built once and kept
         for image, label, truth in (
             (tested, 1, mask),

@@ -229,7 +229,7 @@ class Detector:
     @property
     def decode_side(self) -> int | None:
         """The short side images are decoded reduced to (None: full size, when tiling)."""
-        return None if self.tile_scale is not None else self.image_size
+        return self._backbone().decode_side
 
     def _maps(self) -> MapSettings:
         return MapSettings(self.sigma, self.closing, self.upsample)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from normalcy.methods import METHODS, create_method, method_from_state
-from normalcy.methods.patchknn import PatchKNN, _nearest_bfloat16, _nearest_exact
+from normalcy.methods.patchknn import PatchKNN, _nearest_exact, _nearest_reranked
 
 DIM = 24
 
@@ -64,7 +64,7 @@ def test_bfloat16_search_in_small_chunks_gives_the_float32_distances() -> None:
     query = np.random.default_rng(2).standard_normal((10, 10, DIM)).astype(np.float32)
     bank, ranking = fast._index(torch.device("cpu"))
     assert ranking.dtype == torch.bfloat16
-    chunked = _nearest_bfloat16(torch.from_numpy(query.reshape(-1, DIM)), bank, ranking, chunk=7)
+    chunked = _nearest_reranked(torch.from_numpy(query.reshape(-1, DIM)), bank, ranking, chunk=7)
     np.testing.assert_allclose(
         np.sqrt(chunked.numpy()).reshape(10, 10), exact.score(query).numpy(), rtol=1e-5
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -167,11 +168,18 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return self.mean.device
 
-    def feature_dims(self) -> int:
-        """Channels C of the (h, w, C) feature grids, from one pass of a small blank input."""
+    @cached_property
+    def _grid_shape(self) -> tuple[int, int]:
+        """(channels C of the (h, w, C) feature grids, pixels per grid cell: the finest
+        layer's stride), from one pass of a small blank input."""
         side = max(64, 8 * self.stride)
         blank = torch.zeros(1, 3, side, side, device=self.device)
-        return int(aggregate(self(blank), self.pool, self.context).shape[1])
+        grid = aggregate(self(blank), self.pool, self.context)
+        return int(grid.shape[1]), side // grid.shape[-2]
+
+    def feature_dims(self) -> int:
+        """Channels C of the (h, w, C) feature grids."""
+        return self._grid_shape[0]
 
     @property
     def decode_side(self) -> int | None:
@@ -262,11 +270,7 @@ class Backbone(nn.Module):
 
     def _cell(self) -> int:
         """Pixels per cell of the feature grid (the finest layer's stride)."""
-        if not hasattr(self, "_cell_px"):
-            side = self.image_size // self.stride * self.stride
-            blank = torch.zeros(1, 3, side, side, device=self.device)
-            self._cell_px = side // aggregate(self(blank), self.pool).shape[-2]
-        return self._cell_px
+        return self._grid_shape[1]
 
 
 def half_stride_views(batch: torch.Tensor, shift: int) -> torch.Tensor:

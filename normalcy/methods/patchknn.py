@@ -96,10 +96,8 @@ class PatchKNN(GridScorer):
                 index.add(self.memory_bank_)
             else:
                 bank = torch.from_numpy(self.memory_bank_).to(device)
-                half_norms = -0.5 * (bank**2).sum(dim=1, keepdim=True)
-                ranking = torch.cat([bank, half_norms], dim=1)
                 dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-                index = (bank, ranking.to(dtype).T.contiguous())
+                index = (bank, _ranking(bank).to(dtype).contiguous())
             self._indexes[key] = index
         return self._indexes[key]
 
@@ -117,7 +115,7 @@ class PatchKNN(GridScorer):
                 squared[start : start + FAISS_BATCH] = found[:, 0]
             distances = torch.from_numpy(squared)
         elif index[1].dtype == torch.bfloat16:
-            distances = _nearest_bfloat16(queries, *index)
+            distances = _nearest_reranked(queries, *index)
         else:
             distances = _nearest_exact(queries, *index)
         return distances.clamp_(min=0).sqrt_()
@@ -145,12 +143,12 @@ class PatchKNN(GridScorer):
             grid = as_grid(grid)
             if bank is None:  # exact float32 ranking whatever the search precision
                 bank = torch.from_numpy(self.memory_bank_).to(grid.device)
-                ranking = torch.cat([bank, -0.5 * (bank**2).sum(1, keepdim=True)], dim=1).T
+                ranking = _ranking(bank)
             excluded = torch.from_numpy(self.bank_sources_ == source).to(grid.device)
             if bool(excluded.all()):
                 raise ValueError("a bank made of one image has nothing left to score it against")
             queries = grid.reshape(-1, grid.shape[-1])
-            distances = _nearest_excluding(queries, bank, ranking, excluded)
+            distances = _nearest_reranked(queries, bank, ranking, excluded=excluded)
             results.append(GridScores(distances.sqrt_().reshape(grid.shape[:-1])))
         return results
 
@@ -183,44 +181,37 @@ class PatchKNN(GridScorer):
         return method
 
 
-def _nearest_bfloat16(
-    queries: torch.Tensor, bank: torch.Tensor, ranking: torch.Tensor, chunk: int = 256
+def _ranking(bank: torch.Tensor) -> torch.Tensor:
+    """(C + 1, M) matrix whose product with [query, 1] ranks bank patches by nearness:
+    q.b - |b|^2 / 2 grows as |q - b| shrinks."""
+    return torch.cat([bank, -0.5 * (bank**2).sum(dim=1, keepdim=True)], dim=1).T
+
+
+def _nearest_reranked(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    ranking: torch.Tensor,
+    chunk: int = 256,
+    excluded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared float32 distance of each query to the nearest of its `CANDIDATES` best bank
-    patches by bfloat16 ranking; chunked so each product stays in cache."""
+    patches by products with `ranking` in its dtype (bfloat16: fast, approximate), the
+    candidates re-measured by differences; `excluded` bank patches are never candidates.
+    Chunked so each product stays in cache."""
     found = torch.empty(len(queries), device=queries.device)
-    candidates = min(CANDIDATES, len(bank))
+    allowed = len(bank) if excluded is None else int((~excluded).sum())
+    candidates = min(CANDIDATES, allowed)
     if queries.device.type != "cpu":
         chunk = DEVICE_CHUNK
     for start in range(0, len(queries), chunk):
         batch = queries[start : start + chunk]
         ones = torch.ones(len(batch), 1, device=batch.device)
-        ranked = torch.cat([batch, ones], dim=1).to(torch.bfloat16) @ ranking
+        ranked = torch.cat([batch, ones], dim=1).to(ranking.dtype) @ ranking
+        if excluded is not None:
+            ranked[:, excluded] = -torch.inf
         nearest = ranked.topk(candidates, dim=1).indices
         found[start : start + chunk] = ((bank[nearest] - batch[:, None]) ** 2).sum(-1).amin(1)
     return found
-
-
-def _nearest_excluding(
-    queries: torch.Tensor,
-    bank: torch.Tensor,
-    ranking: torch.Tensor,
-    excluded: torch.Tensor,
-    chunk: int = 1024,
-) -> torch.Tensor:
-    """Squared distance of each query to its nearest bank patch among those not `excluded`:
-    candidates ranked by float32 products with `ranking` (as in `_nearest_exact`), the best
-    re-measured by differences."""
-    candidates = min(CANDIDATES, int((~excluded).sum()))
-    found = torch.empty(len(queries), device=queries.device)
-    for start in range(0, len(queries), chunk):
-        batch = queries[start : start + chunk]
-        ones = torch.ones(len(batch), 1, device=batch.device)
-        ranked = torch.cat([batch, ones], dim=1) @ ranking
-        ranked[:, excluded] = -torch.inf
-        nearest = ranked.topk(candidates, dim=1).indices
-        found[start : start + chunk] = ((bank[nearest] - batch[:, None]) ** 2).sum(-1).amin(1)
-    return found.clamp_(min=0)
 
 
 def _nearest_exact(
