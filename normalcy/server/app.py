@@ -279,6 +279,8 @@ async def _while_connected(request: Request, work: Awaitable[Any], fail) -> Any:
             return task.result()
         if await request.is_disconnected():
             task.cancel()
+            # Its outcome (a cancellation, or what the cancelled images raised) is not news.
+            task.add_done_callback(lambda finished: finished.cancelled() or finished.exception())
             raise fail(499, "client_closed", "the client closed the connection")
 
 
