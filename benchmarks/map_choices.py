@@ -35,7 +35,8 @@ from normalcy import Detector
 from normalcy.data import find_categories, link_subsample, load_many, load_mask
 from normalcy.metrics import aupro, image_auroc, pixel_auroc
 from normalcy.pipeline import MapSettings
-from normalcy.postprocess import UPSAMPLING, anomaly_map, image_score, ranking_score, resize_map
+from normalcy.postprocess import UPSAMPLING, anomaly_map, image_score, ranking_score
+from normalcy.prediction import resize_map
 
 # name -> (backbone passes, grid, upsampling)
 CHOICES = {

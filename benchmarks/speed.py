@@ -17,11 +17,17 @@ it times in one process per row:
   rated, where one decoding thread cannot keep up;
 
 with their ratios to the backbone and the row's peak RSS. Each model is fitted on 40 normal
-images of its data set. Prints a markdown table and writes JSON.
+images of its data set. With `--engines`, each model is also exported (`normalcy export`) and
+the same files are scored through `normalcy.runtime` on each engine (onnxruntime, OpenVINO;
+scores and decisions, float32), ms per image; `--install-size` measures what
+`pip install 'normalcy[runtime]'` adds to a fresh virtual environment. Prints a markdown
+table and writes JSON.
 
     python benchmarks/speed.py                     # CPU, all rows (about 10 minutes)
     python benchmarks/speed.py --precision float32 --json bench-results/speed-float32.json
     python benchmarks/speed.py --device cuda --batch-size 64
+    python benchmarks/speed.py --engines onnxruntime openvino --install-size \
+        --json bench-results/speed-export.json      # exported models against the torch path
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from normalcy import Detector
+from normalcy import Detector, runtime
 from normalcy.backbones import PRECISIONS
 from normalcy.data import LoadedImage, find_categories, load_image, load_image_with_size
+from normalcy.export import export_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -102,7 +109,14 @@ def fit_model(dataset: str, image_size: int, args: argparse.Namespace, target: P
     return detector.save(target)
 
 
-def time_row(model: Path, paths: list[Path], device: str, batch_size: int) -> dict:
+def time_row(
+    model: Path,
+    paths: list[Path],
+    device: str,
+    batch_size: int,
+    exported: Path | None = None,
+    engines: list[str] = (),
+) -> dict:
     """One row's timings, in this process (see the module docstring)."""
     detector = Detector.load(model, device=device)
     detector.batch_size = batch_size
@@ -162,14 +176,32 @@ def time_row(model: Path, paths: list[Path], device: str, batch_size: int) -> di
         synchronise()
         return len(decisions) / (time.perf_counter() - start)
 
+    loaded = {engine: runtime.load(exported, engine) for engine in engines}
+    for model_on_engine in loaded.values():
+        list(model_on_engine.predict_iter(warm))
+
+    def engine_ms(engine: str) -> float:
+        start = time.perf_counter()
+        for prediction in loaded[engine].predict_iter(timed):
+            assert prediction.score is not None
+        return 1000 * (time.perf_counter() - start) / len(timed)
+
     # Every measure REPEATS times, round-robin, the best kept: other work on a shared machine
     # only adds time, and the first pass at a new input shape also builds its kernels.
     runs = [
-        (forward_ms(), per_image_ms(False), per_image_ms(True), decode_ms(), decoded_per_s())
+        (
+            forward_ms(),
+            per_image_ms(False),
+            per_image_ms(True),
+            decode_ms(),
+            decoded_per_s(),
+            *(engine_ms(engine) for engine in engines),
+        )
         for _ in range(REPEATS)
     ]
     backbone_ms, predict_ms, maps_ms, decoding_ms = (min(r[i] for r in runs) for i in range(4))
     per_s = max(r[4] for r in runs)
+    engine_times = {engine: min(r[5 + i] for r in runs) for i, engine in enumerate(engines)}
 
     side = Image.open(timed[0]).size
     return {
@@ -184,6 +216,7 @@ def time_row(model: Path, paths: list[Path], device: str, batch_size: int) -> di
         "decode_ms": decoding_ms,
         "decode_floor_ratio": (backbone_ms + decoding_ms) / backbone_ms,
         "decoded_images_per_s": per_s,
+        "exported_ms": engine_times,
         "repeats": REPEATS,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "precision": backbone.precision,
@@ -201,16 +234,34 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "speed.json")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row, as JSON
     parser.add_argument("--table", type=Path, help="print the table of a JSON written before")
+    parser.add_argument(
+        "--engines",
+        nargs="*",
+        default=[],
+        choices=runtime.ENGINES,
+        help="also time each model exported, on these engines",
+    )
+    parser.add_argument(
+        "--install-size",
+        action="store_true",
+        help="measure what pip install 'normalcy[runtime]' adds to a fresh venv (needs PyPI)",
+    )
     args = parser.parse_args()
     if args.table:
         result = json.loads(args.table.read_text())
         print(describe(result))
         print(format_table(result["rows"]))
+        if result.get("runtime_install"):
+            print(install_line(result["runtime_install"]))
         return 0
     if args.row:
         row = json.loads(args.row)
         paths = [Path(p) for p in row["paths"]]
-        print(json.dumps(time_row(Path(row["model"]), paths, args.device, args.batch_size)))
+        exported = Path(row["exported"]) if row.get("exported") else None
+        timings = time_row(
+            Path(row["model"]), paths, args.device, args.batch_size, exported, args.engines
+        )
+        print(json.dumps(timings))
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,10 +274,16 @@ def main() -> int:
                 dataset: fit_model(dataset, size, args, Path(tmp) / f"{i}-{size}")
                 for i, dataset in enumerate(sorted({INPUTS[n][0] for n in args.inputs}))
             }
+            exports = {
+                dataset: export_model(model, model.with_name(model.name + "-exported"))
+                for dataset, model in models.items()
+                if args.engines
+            }
             for name in args.inputs:
                 spec = {
                     "model": str(models[INPUTS[name][0]]),
                     "paths": list(map(str, images[name])),
+                    "exported": str(exports.get(INPUTS[name][0], "")),
                 }
                 command = [
                     sys.executable,
@@ -237,6 +294,8 @@ def main() -> int:
                     args.device,
                     "--batch-size",
                     str(args.batch_size),
+                    "--engines",
+                    *args.engines,
                 ]
                 output = subprocess.run(command, capture_output=True, text=True, check=True)
                 row = {"images_of": name, "image_size": size, **json.loads(output.stdout)}
@@ -255,13 +314,45 @@ def main() -> int:
         "batch_size": args.batch_size,
         "fit_images": FIT_IMAGES,
         "rows": rows,
+        "runtime_install": runtime_install_size() if args.install_size else None,
     }
     print(describe(result))
     print(format_table(rows))
+    if result["runtime_install"]:
+        print(install_line(result["runtime_install"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
+
+
+def runtime_install_size() -> dict:
+    """MB that `pip install 'normalcy[runtime]'` adds to a fresh venv's site-packages, in all
+    and per top-level entry, and whether torch came with it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        venv = Path(tmp) / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        (site,) = venv.glob("lib/python*/site-packages")
+        before = {p.name for p in site.iterdir()}
+        pip = [str(venv / "bin" / "pip"), "install", "-q", "--no-cache-dir"]
+        subprocess.run([*pip, f"{ROOT}[runtime]"], check=True)
+        added = {p.name: _size_mb(p) for p in site.iterdir() if p.name not in before}
+        return {
+            "total_mb": sum(added.values()),
+            "by_entry_mb": dict(sorted(added.items(), key=lambda item: -item[1])),
+            "has_torch": "torch" in added,
+        }
+
+
+def install_line(install: dict) -> str:
+    largest = ", ".join(f"{k} {v:.0f}" for k, v in list(install["by_entry_mb"].items())[:4])
+    torch = "with" if install["has_torch"] else "without"
+    return f"normalcy[runtime] adds {install['total_mb']:.0f} MB, {torch} torch ({largest} MB)"
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
 
 
 def describe(result: dict) -> str:
@@ -279,6 +370,10 @@ def format_table(rows: list[dict]) -> str:
         "| ratio | decode ms/img | floor | decoded images/s | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    engines = sorted({engine for row in rows for engine in row.get("exported_ms", {})})
+    if engines:
+        lines[0] += "".join(f" {engine} ms/img | ratio to predict |" for engine in engines)
+        lines[1] += "---|---|" * len(engines)
     for row in rows:
         decode, floor = "-", "-"  # JSON written before the decode column
         if "decode_ms" in row:
@@ -288,6 +383,10 @@ def format_table(rows: list[dict]) -> str:
             f"{row['backbone_ms']:.0f} | {row['predict_ms']:.0f} | {row['predict_ratio']:.2f}x | "
             f"{row['predict_maps_ms']:.0f} | {row['predict_maps_ratio']:.2f}x | "
             f"{decode} | {floor} | {row['decoded_images_per_s']:.1f} | {row['peak_rss_mb']:.0f} |"
+            + "".join(
+                f" {row['exported_ms'][e]:.0f} | {row['exported_ms'][e] / row['predict_ms']:.2f}x |"
+                for e in engines
+            )
         )
     return "\n".join(lines)
 

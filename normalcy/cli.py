@@ -32,7 +32,8 @@ from normalcy.detector import (
 from normalcy.evaluate import evaluate, format_defect_table, format_table, summarize
 from normalcy.methods import METHODS
 from normalcy.methods.mutual import MutualScorer
-from normalcy.postprocess import UPSAMPLING, resize_map
+from normalcy.postprocess import SIGMA_AT_256, UPSAMPLING
+from normalcy.prediction import resize_map
 from normalcy.report import ReportImage, write_report
 from normalcy.visualize import (
     bounded_overlay,
@@ -110,6 +111,15 @@ def _device_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) ->
 
 def _map_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--sigma",
+        type=float,
+        default=SIGMA_AT_256,
+        metavar="PX",
+        help="Gaussian smoothing of the anomaly map, in pixels at a 256-pixel short side of "
+        "the image; image scores smooth by the same amount of one backbone input, a tile "
+        f"when tiling (default {SIGMA_AT_256:g}; 0: off)",
+    )
+    parser.add_argument(
         "--upsample",
         default="bicubic",
         choices=UPSAMPLING,
@@ -152,6 +162,7 @@ def _scorer(args: argparse.Namespace) -> MutualScorer:
         neighbourhoods=args.mutual_sizes,
         rescore_neighbours=args.mutual_rescore,
         precision=args.precision,
+        sigma=args.sigma,
     )
 
 
@@ -207,6 +218,7 @@ def _make_detector(args: argparse.Namespace, method: str | None = None, **extra)
         scorer=_scorer(args) if "mutual_sizes" in args else None,
         context=args.context,
         dense_map=args.dense_map,
+        sigma=args.sigma,
         closing=args.closing,
         upsample=args.upsample,
         precision=args.precision,
@@ -299,6 +311,7 @@ def _modelless_detector(args: argparse.Namespace, method: str, **extra) -> Detec
         weights=args.weights,
         threshold=args.threshold,
         progress=not args.json,
+        sigma=args.sigma,
         closing=args.closing,
         upsample=args.upsample,
         precision=args.precision,
@@ -515,6 +528,20 @@ def _print_summary(summary: dict) -> None:
         print(defects)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from normalcy.export import export_model  # imports the ONNX exporter only when asked
+
+    size = None if args.image_size is None else tuple(args.image_size)
+    out = export_model(args.model, args.output, size, weights=args.weights, format=args.format)
+    manifest = json.loads((out / "export.json").read_text())
+    height, width = manifest["input"]["network_size"]
+    print(
+        f"exported {args.model} to {out}: {manifest['graph']} and export.json, network input "
+        f"{height} x {width} px (any image is resized to it)"
+    )
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     summary = run_eval(args.dataset_root, args, args.category, args.report)
     _print_summary(summary)
@@ -661,6 +688,32 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(predict)
     _zero_shot_options(predict)
     predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser(
+        "export",
+        help="write a fitted model as an ONNX graph that scores like the library, for "
+        "normalcy.runtime (no torch)",
+    )
+    export.add_argument("model", help="model folder written by `normalcy fit`")
+    export.add_argument("-o", "--output", required=True, help="folder for the exported model")
+    export.add_argument(
+        "--format",
+        choices=["onnx", "openvino"],
+        default="onnx",
+        help="onnx (onnxruntime or OpenVINO run it) or openvino (OpenVINO's own format, which "
+        "needs openvino to export; default: onnx)",
+    )
+    export.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="network input size the graph is fixed at, multiples of the backbone stride "
+        "(default: the input size of most training images)",
+    )
+    export.add_argument("--weights", default=None, help="backbone weights file to use")
+    export.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="benchmark on an MVTec-layout dataset")
     ev.add_argument("dataset_root")

@@ -428,6 +428,16 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     return sorted(found)
 
 
+def is_single_input(inputs: ImageInput | Sequence[ImageInput]) -> bool:
+    """Whether `inputs` is one image (not a list, a 4-D array or a folder): `predict` then
+    returns one prediction instead of a list."""
+    return (
+        not isinstance(inputs, (list, tuple))
+        and not (isinstance(inputs, np.ndarray) and inputs.ndim == 4)
+        and not (isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir())
+    )
+
+
 def expand_inputs(inputs: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     """Flatten user inputs into a list of single images.
 

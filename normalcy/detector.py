@@ -7,6 +7,7 @@ import itertools
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,9 @@ from normalcy.modelfile import (
     read_model,
     save_model,
 )
-from normalcy.pipeline import MapSettings, Pipeline, Prediction, decoded_ahead, feature_grids
+from normalcy.pipeline import MapSettings, Pipeline, decoded_ahead, feature_grids
 from normalcy.postprocess import SIGMA_AT_256
+from normalcy.prediction import Prediction, gathered
 
 log = logging.getLogger("normalcy")
 
@@ -231,8 +233,9 @@ class Detector:
         """The short side images are decoded reduced to (None: full size, when tiling)."""
         return self._backbone().decode_side
 
-    def _maps(self) -> MapSettings:
-        return MapSettings(self.sigma, self.closing, self.upsample)
+    def map_settings(self) -> MapSettings:
+        """How this detector's patch scores become maps and image scores."""
+        return MapSettings(self.sigma, self.closing, self.upsample, self._backbone().tile_cells)
 
     def _pipeline(self, method: Method | None = None, dense: bool | None = None) -> Pipeline:
         """The predict path for `method` (by default the fitted one) with this detector's
@@ -244,7 +247,7 @@ class Detector:
         return Pipeline(
             backbone=self._backbone(),
             method=self.method_ if method is None else method,
-            maps=self._maps(),
+            maps=self.map_settings(),
             dense=dense,
             batch_size=self.batch_size,
             threshold=getattr(self, "threshold_", None),
@@ -281,6 +284,8 @@ class Detector:
         sources of the images yielded are appended to it, in order)."""
         bar = tqdm(total=len(sources), desc=what, unit="img", disable=not self.progress)
         self.skipped_: list[str] = getattr(self, "skipped_", [])
+        self.input_sizes_: Counter[tuple[int, int]] = getattr(self, "input_sizes_", Counter())
+        backbone = self._backbone()
         for source, item in zip(sources, decoded_ahead(sources, self.decode_side), strict=True):
             bar.update()
             if isinstance(item, ImageLoadError):
@@ -288,6 +293,8 @@ class Detector:
                     log.warning("skipped %s", item)
                     self.skipped_.append(str(item))
             else:
+                if record:
+                    self.input_sizes_[backbone.input_size(*item.size)] += 1
                 if readable is not None:
                     readable.append(source)
                 yield item
@@ -351,6 +358,7 @@ class Detector:
                 "use patchknn for few-shot"
             )
         self.skipped_ = []
+        self.input_sizes_ = Counter()
         self.method_ = self._new_method(few_shot)
         if len(sources) >= MIN_IMAGES_FOR_HOLDOUT and self.method_.leaves_out and not few_shot:
             readable: list[ImageInput] = []
@@ -381,6 +389,8 @@ class Detector:
             self.method_.fit(self._bank_grids(references, few_shot))
             scheme = "each left out of a model of the others"
         self.n_train_ = len(sources) - len(self.skipped_)
+        common = self.input_sizes_.most_common(1)
+        self.input_size_ = list(common[0][0]) if common else None
         self._set_thresholds(normal, dense_peaks, scheme)
         return self
 
@@ -396,7 +406,7 @@ class Detector:
         decoded = zip(positions, decoded_ahead(chosen, self.decode_side), strict=True)
         usable = ((p, item) for p, item in decoded if not isinstance(item, ImageLoadError))
         bar = tqdm(total=len(positions), desc="calibrate", unit="img", disable=not self.progress)
-        backbone, maps = self._backbone(), self._maps()
+        backbone, maps = self._backbone(), self.map_settings()
         results, dense_peaks = [], []
         while window := list(itertools.islice(usable, self.batch_size)):
             where, pixels = [p for p, _ in window], [item.image for _, item in window]
@@ -561,17 +571,7 @@ class Detector:
         Raises ImageLoadError naming the input when an image cannot be read; use
         `predict_iter` to skip bad images instead.
         """
-        single = (
-            not isinstance(x, (list, tuple))
-            and not (isinstance(x, np.ndarray) and x.ndim == 4)
-            and not (isinstance(x, (str, os.PathLike)) and Path(x).is_dir())
-        )
-        results = []
-        for result in self.predict_iter(x):
-            if isinstance(result, ImageLoadError):
-                raise result
-            results.append(result)
-        return results[0] if single else results
+        return gathered(self.predict_iter(x), x)
 
     def score(self, x: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Image anomaly scores (higher is more anomalous)."""
@@ -608,6 +608,7 @@ class Detector:
             "pixel_threshold": self.pixel_threshold_,
             "dense_pixel_threshold": self.dense_pixel_threshold_,
             "n_train": self.n_train_,
+            "input_size": self.input_size_,
             "calibration": None if self.calibration_ is None else self.calibration_.to_json(),
         }
 
@@ -624,13 +625,17 @@ class Detector:
         path: str | os.PathLike,
         weights: str | os.PathLike | None = None,
         device: str = "auto",
+        precision: str | None = None,
     ) -> Detector:
-        """A saved detector on `device` (any device, whichever it was fitted on). Every file
-        is validated first; a problem raises `ModelFileError` naming the file."""
+        """A saved detector on `device` (any device, whichever it was fitted on), computing
+        in `precision` (None: as fitted). Every file is validated first; a problem raises
+        `ModelFileError` naming the file."""
         config, arrays, arrays_file = read_model(path)
         backbone = config["backbone"]
         method = config["method"]
         params = method["params"]
+        if precision is not None and "precision" in params:  # the search's, as the backbone's
+            params = {**params, "precision": precision}
         try:
             detector = cls(
                 backbone=backbone["name"],
@@ -649,7 +654,7 @@ class Detector:
                 dense_map=config["dense_map"],
                 closing=config["closing"],
                 upsample=config["upsample"],
-                precision=backbone["precision"],
+                precision=precision or backbone["precision"],
                 low_variance_fraction=params.get("low_variance_fraction"),
                 device=device,
                 tile_scale=backbone["tile_scale"],
@@ -665,6 +670,7 @@ class Detector:
         detector.pixel_threshold_ = config["pixel_threshold"]
         detector.dense_pixel_threshold_ = config["dense_pixel_threshold"]
         detector.n_train_ = config["n_train"]
+        detector.input_size_ = config["input_size"]
         detector.normalcy_version_ = config.get("normalcy_version")
         detector.backbone_ = create_backbone(
             backbone["name"],

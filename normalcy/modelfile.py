@@ -293,6 +293,10 @@ def _layers(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(_integer(0, 64)(v) for v in value)
 
 
+def _size(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_integer(1)(v) for v in value)
+
+
 # key path -> (check, what it must be, default for models saved before the key existed)
 SCHEMA: dict[tuple[str, ...], tuple[Check, str, Any]] = {
     ("arrays",): (
@@ -342,6 +346,9 @@ SCHEMA: dict[tuple[str, ...], tuple[Check, str, Any]] = {
         None,
     ),
     ("n_train",): (_integer(0), "a non-negative integer", _REQUIRED),
+    # The network input size of most training images (the default size of an export);
+    # saved before it was recorded: unknown.
+    ("input_size",): (_optional(_size), "null or [height, width]", None),
     # Saved before calibration was recorded: unknown.
     ("calibration",): (_optional(_is(dict)), "null or an object", None),
 }

@@ -15,10 +15,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
+from functools import partial
 
-import numpy as np
 import torch
 
 from normalcy.backbones import Backbone
@@ -28,10 +26,10 @@ from normalcy.postprocess import (
     SIGMA_AT_256,
     UPSAMPLING,
     fill_gaps,
-    ranking_score,
-    resize_map,
+    ranking_top,
     score_map,
 )
+from normalcy.prediction import Prediction
 
 PREFETCH = 4  # decoded images kept ready ahead of the backbone, per decoding thread
 # Images gathered per bucketing window: those of one input size among them share batches.
@@ -41,11 +39,14 @@ WINDOW_BATCHES = 4
 @dataclass(frozen=True)
 class MapSettings:
     """How patch scores become maps: smoothing, gap filling and the upsampling of the map
-    users see (see `postprocess`); image scores always come from the bilinear map."""
+    users see (see `postprocess`); image scores always come from the bilinear map, smoothed
+    per tile when tiling (`score_cells`)."""
 
     sigma: float = SIGMA_AT_256
     closing: int = 3
     upsample: str = "bicubic"
+    # Patches across one tile when tiling: image scores smooth per tile (`ranking_score`).
+    score_cells: int | None = None
 
     def __post_init__(self) -> None:
         if self.upsample not in UPSAMPLING:
@@ -58,47 +59,12 @@ class MapSettings:
         return score_map(fill_gaps(patches, width), self.sigma, dense, self.upsample)
 
 
-@dataclass(eq=False)
-class Prediction:
-    """The result for one image. `is_anomalous` and `mask` are None when no threshold is set.
-
-    `score` and `is_anomalous` are computed when predicting; `score_map` (the map at the fixed
-    scale of the patch grid), `anomaly_map` (at image size) and `mask` when first read.
-    """
-
-    name: str
-    score: float
-    is_anomalous: bool | None
-    threshold: float | None
-    image_size: tuple[int, int]
-    patch_scores: torch.Tensor = field(repr=False)
-    dense: bool = False
-    pixel_threshold: float | None = None
-    maps: MapSettings = field(default_factory=MapSettings, repr=False)
-
-    @cached_property
-    def score_map(self) -> torch.Tensor:
-        return self.maps.shown_map(self.patch_scores, self.dense)
-
-    @cached_property
-    def anomaly_map(self) -> np.ndarray:
-        """(H, W) float32 map at the image's own size."""
-        return resize_map(self.score_map, self.image_size)
-
-    @cached_property
-    def mask(self) -> np.ndarray | None:
-        """(H, W) bool: where the map exceeds the level held-out normal images stay under."""
-        if self.pixel_threshold is None:
-            return None
-        return self.anomaly_map > self.pixel_threshold
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "score": self.score,
-            "is_anomalous": self.is_anomalous,
-            "threshold": self.threshold,
-        }
+def grid_image_score(scores: GridScores, maps: MapSettings) -> float | torch.Tensor:
+    """The method's own image score, or the top of its ranking map (a 0-d tensor)."""
+    if scores.image is not None:
+        return scores.image
+    ranking = scores.patches if scores.ranking is None else scores.ranking
+    return ranking_top(ranking, maps.sigma, maps.score_cells)
 
 
 def feature_grids(
@@ -159,10 +125,7 @@ class Pipeline:
 
     def image_score(self, scores: GridScores) -> float:
         """The method's own image score, or the top of its ranking map."""
-        if scores.image is not None:
-            return scores.image
-        ranking = scores.patches if scores.ranking is None else scores.ranking
-        return ranking_score(ranking, self.maps.sigma)
+        return float(grid_image_score(scores, self.maps))
 
     def prediction(
         self,
@@ -174,16 +137,15 @@ class Pipeline:
         """The prediction for the image `name` of `size` (H, W) from its scores (`shown`: the
         dense grid's patch scores for the map, when predicting with the dense map)."""
         score = self.image_score(scores)
+        patches = (scores.patches if shown is None else shown).cpu()
         return Prediction(
             name=name,
             score=score,
             is_anomalous=None if self.threshold is None else bool(score > self.threshold),
             threshold=self.threshold,
             image_size=tuple(size),
-            patch_scores=(scores.patches if shown is None else shown).cpu(),
-            dense=shown is not None,
+            draw_map=partial(self.maps.shown_map, patches, shown is not None),
             pixel_threshold=self.pixel_threshold,
-            maps=self.maps,
         )
 
     @torch.inference_mode()

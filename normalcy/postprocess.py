@@ -85,46 +85,6 @@ def score_map(
     return anomaly_map(patch_scores, size, sigma, dense, mode)
 
 
-def resize_map(
-    scale_map: torch.Tensor, size: tuple[int, int], rows: tuple[int, int] | None = None
-) -> np.ndarray:
-    """A map at the fixed scale resized bilinearly to an image of `size` (H, W): float32;
-    `rows` (start, stop): only those rows of it, so a map of any size can be made in bands.
-
-    A band is the separable form of the same resize: rows (R_y) times map times columns
-    (R_x^T), with the weights of `F.interpolate(mode="bilinear", align_corners=False)`, so it
-    costs what its pixels cost; it equals the whole map's rows within float32 rounding."""
-    grid = _as_tensor(scale_map)
-    if rows is None:
-        if tuple(grid.shape) != tuple(size):
-            grid = F.interpolate(
-                grid[None, None], size=tuple(size), mode="bilinear", align_corners=False
-            )[0, 0]
-        return grid.cpu().numpy()
-    start, stop = rows
-    if not 0 <= start <= stop <= size[0]:
-        raise ValueError(f"rows {rows} outside a map of {size[0]} rows")
-    along_rows = _bilinear_weights(grid.shape[0], size[0], start, stop).to(grid.device)
-    along_columns = _bilinear_weights(grid.shape[1], size[1], 0, size[1]).to(grid.device)
-    band = along_rows @ grid.to(torch.float64) @ along_columns.T
-    return band.float().cpu().numpy()
-
-
-def _bilinear_weights(source: int, target: int, start: int, stop: int) -> torch.Tensor:
-    """(stop - start, source) weights of target samples start..stop-1 of a bilinear resize
-    from `source` to `target` samples (half-pixel centres, edges clamped)."""
-    position = (torch.arange(start, stop, dtype=torch.float64) + 0.5) * (source / target) - 0.5
-    position = position.clamp(min=0)
-    below = position.floor().long().clamp(max=source - 1)
-    above = (below + 1).clamp(max=source - 1)
-    fraction = position - below
-    weights = torch.zeros(stop - start, source, dtype=torch.float64)
-    band = torch.arange(stop - start)
-    weights[band, below] += 1 - fraction
-    weights[band, above] += fraction
-    return weights
-
-
 def fill_gaps(patch_scores: torch.Tensor, width: int) -> torch.Tensor:
     """Grey-level closing over `width` x `width` patches (1: unchanged), edges extended.
 
@@ -152,13 +112,36 @@ def image_score(
 ) -> float:
     """Mean of the highest `top_fraction` of the map: robust to a single hot pixel, yet
     sensitive to small defects that a whole-image mean would dilute."""
+    return top_mean(anomaly_map, top_fraction).item()
+
+
+def top_mean(anomaly_map: np.ndarray | torch.Tensor, top_fraction: float) -> torch.Tensor:
+    """`image_score` as a 0-d tensor on the map's device."""
     values = _as_tensor(anomaly_map).flatten()
     k = max(1, int(round(values.numel() * top_fraction)))
-    return values.topk(k).values.mean().item()
+    return values.topk(k).values.mean()
 
 
-def ranking_score(patch_scores: np.ndarray | torch.Tensor, sigma: float) -> float:
+def ranking_score(
+    patch_scores: np.ndarray | torch.Tensor, sigma: float, cells: int | None = None
+) -> float:
     """The image score of patch scores: the top of their bilinear map at the fixed scale, made
     without gap filling (filling raises the busy texture of normal images too, blurring the
-    ranking)."""
-    return image_score(score_map(patch_scores, sigma))
+    ranking).
+
+    cells: when tiling, the patches across one tile. The smoothing and the top share are then
+    those of one tile, not of the whole image, so a tiled image scores as its worst tile-sized
+    window would as one backbone input: at the image's scale, a defect of a few patches would
+    be smoothed and averaged over tens of them and sink into normal variation."""
+    return ranking_top(patch_scores, sigma, cells).item()
+
+
+def ranking_top(
+    patch_scores: np.ndarray | torch.Tensor, sigma: float, cells: int | None = None
+) -> torch.Tensor:
+    """`ranking_score` as a 0-d tensor on the scores' device."""
+    if cells is None:
+        return top_mean(score_map(patch_scores, sigma), TOP_FRACTION)
+    rows, columns = patch_scores.shape[:2]
+    top = min(1.0, TOP_FRACTION * cells * cells / (rows * columns))
+    return top_mean(score_map(patch_scores, sigma * cells / min(rows, columns)), top)

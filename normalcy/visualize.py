@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from normalcy.postprocess import resize_map
+from normalcy.prediction import resize_map
 
 # Anchor colours of a dark-to-bright, perceptually ordered ramp (black, purple, red, orange,
 # pale yellow), in the spirit of "inferno"; the 256-entry LUT interpolates between them.

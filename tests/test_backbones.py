@@ -22,6 +22,7 @@ from normalcy.backbones import (
     default_layers,
     half_stride_views,
     interleave,
+    lower_median,
     native_bfloat16,
     resolve_device,
     resolve_precision,
@@ -368,3 +369,9 @@ def test_an_extreme_aspect_ratio_is_held_to_a_bounded_input() -> None:
     assert backbone.input_size(5, 40_000) == (16, 64 * MAX_ASPECT)
     assert backbone.input_size(40_000, 5) == (64 * MAX_ASPECT, 16)
     assert backbone.input_size(64, 64 * MAX_ASPECT) == (64, 64 * MAX_ASPECT)  # up to it: as before
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 255, 256, 784])
+def test_the_exportable_median_is_torchs_lower_median(length: int) -> None:
+    values = torch.randn(2, 5, length)
+    torch.testing.assert_close(lower_median(values), values.median(dim=-1).values, rtol=0, atol=0)

@@ -80,6 +80,7 @@ def test_fit_reports_where_it_saved(
         (["--context", "0.5"], ["backbone", "context"], 0.5),
         (["--dense-map"], ["dense_map"], True),
         (["--closing", "5"], ["closing"], 5),
+        (["--sigma", "2.5"], ["sigma"], 2.5),
         (["--precision", "float32"], ["backbone", "precision"], "float32"),
     ],
 )

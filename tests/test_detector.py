@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from normalcy import Detector, Prediction, pipeline
+from normalcy import prediction as prediction_module
 from normalcy.data import ImageLoadError, LoadedImage
 from normalcy.detector import augmentations, choose_setting
 from normalcy.methods.patchknn import PatchKNN
@@ -803,9 +804,9 @@ def test_maps_are_made_only_when_read(
     fitted: Detector, data: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made: list[tuple[int, int]] = []
-    resize = pipeline.resize_map
+    resize = prediction_module.resize_map
     monkeypatch.setattr(
-        pipeline, "resize_map", lambda m, size: made.append(size) or resize(m, size)
+        prediction_module, "resize_map", lambda m, size: made.append(size) or resize(m, size)
     )
     predictions = fitted.predict(data["bad"])
     assert all(p.is_anomalous for p in predictions) and not made

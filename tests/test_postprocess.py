@@ -15,9 +15,10 @@ from normalcy.postprocess import (
     fill_gaps,
     gaussian_smooth,
     image_score,
-    resize_map,
+    ranking_score,
     score_map,
 )
+from normalcy.prediction import resize_map
 
 # --- anomaly_map ---------------------------------------------------------------------------------
 
@@ -196,6 +197,35 @@ def test_the_image_score_does_not_depend_on_the_image_pixel_count(dense: bool) -
     at_scale = image_score(score_map(grid, SIGMA_AT_256, dense=dense))
     at_image = image_score(anomaly_map(grid, (2000, 2600), SIGMA_AT_256, dense=dense))
     assert at_scale == pytest.approx(at_image, rel=0.02)
+
+
+def test_a_tiled_image_scores_as_its_worst_tile_would_alone() -> None:
+    tile = np.zeros((28, 28), dtype=np.float32)
+    tile[13:15, 13:15] = 1.0  # a defect of 2 x 2 patches in the middle of a tile
+    large = np.zeros((112, 140), dtype=np.float32)  # an image 4 x 5 tiles large
+    large[56:84, 28:56] = tile
+    one_tile = ranking_score(tile, SIGMA_AT_256)
+    assert ranking_score(large, SIGMA_AT_256, cells=28) == pytest.approx(one_tile, rel=1e-4)
+    # Smoothed and averaged at the image's scale instead, the defect all but vanishes.
+    assert ranking_score(large, SIGMA_AT_256) < 0.2 * one_tile
+    assert ranking_score(tile, SIGMA_AT_256, cells=28) == one_tile  # a grid of one tile
+
+
+@pytest.mark.parametrize(("grid", "size"), [((16, 21), (480, 640)), ((40, 30), (37, 25))])
+def test_resize_map_is_torchs_bilinear_resize_and_its_bands_are_its_rows(
+    grid: tuple[int, int], size: tuple[int, int]
+) -> None:
+    scale_map = torch.from_numpy(np.random.default_rng(3).random(grid, dtype=np.float32))
+    expected = torch.nn.functional.interpolate(
+        scale_map[None, None], size=size, mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+    whole = resize_map(scale_map, size)
+    assert whole.dtype == np.float32
+    np.testing.assert_allclose(whole, expected, atol=1e-5)  # float32 rounding of the weights
+    bands = [resize_map(scale_map, size, (r, min(r + 7, size[0]))) for r in range(0, size[0], 7)]
+    np.testing.assert_array_equal(np.concatenate(bands), whole)
+    with pytest.raises(ValueError, match="outside a map"):
+        resize_map(scale_map, size, (0, size[0] + 1))
 
 
 # --- image_score ---------------------------------------------------------------------------------

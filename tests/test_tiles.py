@@ -106,6 +106,8 @@ def test_a_tiled_model_saves_its_scale_and_scores_the_same_loaded(tmp_path) -> N
     assert loaded.tile_scale == 1.0 and loaded.decode_side is None
     test = _board(200, defect=True)
     assert loaded.predict(test).score == pytest.approx(detector.predict(test).score, rel=1e-5)
+    assert loaded.map_settings().score_cells == 8  # scores smooth per 64 px tile of 8 px cells
+    assert Detector(backbone="efficientnet_lite0").map_settings().score_cells is None
     with pytest.raises(ValueError, match="dense map is not available with tiles"):
         Detector(tile_scale=1.0, dense_map=True)
     with pytest.raises(ValueError, match="tile_scale must be in"):

@@ -193,11 +193,7 @@ class Backbone(nn.Module):
         if not image.flags.writeable:  # torch refuses to share read-only memory
             image = image.copy()
         pixels = torch.from_numpy(image).to(self.device, non_blocking=True)
-        tensor = pixels.permute(2, 0, 1)[None].float()
-        size = size or self.input_size(*image.shape[:2])
-        # Scaled to [0, 1] after the resize, on the fewer pixels (resizing is linear).
-        resized = F.interpolate(tensor, size=size, mode="bilinear", antialias=True)
-        return resized[0].div_(255.0).clamp_(0, 1)
+        return network_input(pixels, size or self.input_size(*image.shape[:2]))
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
@@ -249,9 +245,20 @@ class Backbone(nn.Module):
                 out[i] = grid.contiguous()
         return out  # type: ignore[return-value]
 
+    @property
+    def _tile(self) -> int:
+        """Pixels across a tile: `image_size` down to a multiple of the stride, so tiles line
+        up with one grid over the image."""
+        return self.image_size // self.stride * self.stride
+
+    @property
+    def tile_cells(self) -> int | None:
+        """Grid cells across one tile (None when the whole image is one backbone input)."""
+        return None if self.tile_scale is None else self._tile // self._cell()
+
     def _tiled(self, image: np.ndarray, batch_size: int | None) -> torch.Tensor:
         """The (h, w, C) grid of one image at `tile_scale`, stitched from its tiles'."""
-        tile = self.image_size // self.stride * self.stride  # tiles line up with the grid
+        tile = self._tile
         margin = TILE_MARGIN * self._cell()
         size = tiled_size(*image.shape[:2], self.tile_scale, tile, self.stride, margin)
         pixels = self.preprocess(image, size)
@@ -271,6 +278,15 @@ class Backbone(nn.Module):
     def _cell(self) -> int:
         """Pixels per cell of the feature grid (the finest layer's stride)."""
         return self._grid_shape[1]
+
+
+def network_input(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB pixels -> (3, h, w) float in [0, 1] at `size` (h, w), by an
+    antialiased bilinear resize (exported graphs run this same function)."""
+    tensor = pixels.permute(2, 0, 1)[None].float()
+    # Scaled to [0, 1] after the resize, on the fewer pixels (resizing is linear).
+    resized = F.interpolate(tensor, size=size, mode="bilinear", antialias=True)
+    return (resized[0] / 255.0).clamp(0, 1)
 
 
 def half_stride_views(batch: torch.Tensor, shift: int) -> torch.Tensor:
@@ -315,12 +331,19 @@ def aggregate(
     return with_context(torch.cat(parts, dim=1), context, views)
 
 
+def lower_median(values: torch.Tensor) -> torch.Tensor:
+    """`values.median(dim=-1).values` (the lower of the two middle values), by a k-smallest
+    selection that exports to ONNX, where the median does not."""
+    k = (values.shape[-1] - 1) // 2 + 1
+    return values.topk(k, dim=-1, largest=False).values[..., -1]
+
+
 def with_context(features: torch.Tensor, context: float, views: int = 1) -> torch.Tensor:
     """(B, C, h, w) features, and with `context` > 0 each patch's difference from its
     image's median patch appended (see `aggregate`)."""
     if context <= 0:
         return features
-    median = features[::views].flatten(2).median(dim=2).values[..., None, None]
+    median = lower_median(features[::views].flatten(2))[..., None, None]
     median = median.repeat_interleave(views, dim=0)
     return torch.cat([features, context * (features - median)], dim=1)
 

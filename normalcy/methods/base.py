@@ -21,12 +21,13 @@ class GridScores:
 
     patches: (h, w) scores the anomaly map is drawn from.
     ranking: (h, w) scores whose map's top ranks the image; None: `patches`.
-    image: the method's own image score, where it has one; None: the top of the ranking map.
+    image: the method's own image score, where it has one (a 0-d tensor in exported graphs);
+        None: the top of the ranking map.
     """
 
     patches: torch.Tensor
     ranking: torch.Tensor | None = None
-    image: float | None = None
+    image: float | torch.Tensor | None = None
 
 
 class Method(Protocol):
@@ -70,6 +71,16 @@ class Method(Protocol):
 
     @classmethod
     def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> Method: ...
+
+    def export_module(self) -> torch.nn.Module:
+        """The fitted method as tensor operations only, for export: a module mapping one
+        (h, w, C) grid to `GridScores` whose fields are tensors (`image` a 0-d one), equal to
+        `score_batch`'s. Raises `NotExportable`, saying why, where there is none."""
+        ...
+
+
+class NotExportable(ValueError):
+    """A model that cannot become an exported graph; the message says why."""
 
 
 class GridScorer:

@@ -111,6 +111,11 @@ class KNNGaussianFusion:
         self.calibrate(parts)
         return [self._scores(p) for p in parts]
 
+    def export_module(self) -> FusionModule:
+        if not hasattr(self, "part_mean_"):
+            raise RuntimeError("KNNGaussianFusion is not calibrated: call calibrate() first")
+        return FusionModule(self)
+
     def arrays(self) -> dict[str, np.ndarray]:
         gaussian = self.gaussian_.arrays()
         return {
@@ -137,3 +142,22 @@ class KNNGaussianFusion:
     def n_features_in_(self) -> int:
         """Feature dimensions the fitted method expects (those of its memory bank)."""
         return self.knn_.n_features_in_
+
+
+class FusionModule(torch.nn.Module):
+    """Both parts' modules and the standardisation, in float64 as the library computes."""
+
+    def __init__(self, fusion: KNNGaussianFusion) -> None:
+        super().__init__()
+        self.knn = fusion.knn_.export_module()
+        self.gaussian = fusion.gaussian_.export_module()
+        self.context_half = fusion.context_half
+        for key in ("part_mean", "part_std"):
+            value = np.asarray(getattr(fusion, f"{key}_"), dtype=np.float64)
+            self.register_buffer(key, torch.from_numpy(value)[:, None, None])
+
+    def forward(self, grid: torch.Tensor) -> GridScores:
+        appearance = grid[..., : grid.shape[-1] // 2] if self.context_half else grid
+        parts = torch.stack([self.knn(grid).patches, self.gaussian(appearance).patches])
+        combined = ((parts.double() - self.part_mean) / self.part_std).mean(dim=0).float()
+        return GridScores(combined, ranking=parts[KNNGaussianFusion.image_part])

@@ -158,26 +158,22 @@ class GaussianScorer(GridScorer):
         """Mahalanobis distance of each patch of an (h, w, C) grid: (h, w)."""
         grid = as_grid(grid)
         self._check_fitted(grid)
-        fitted = self._on(grid.device)
-        flat = grid.reshape(-1, grid.shape[-1]).to(fitted["patch_mean"].dtype)
-        distances = torch.linalg.vector_norm(
-            (flat - fitted["patch_mean"]) @ fitted["patch_whitening"], dim=1
-        )
-        return distances.reshape(grid.shape[:-1]).float()
+        return _patch_distances(grid, self._on(grid.device))
 
     def image_score(self, grid: np.ndarray | torch.Tensor) -> float:
         """Mahalanobis distance of the image's mean feature."""
         grid = as_grid(grid)
         self._check_fitted(grid)
-        fitted = self._on(grid.device)
-        pooled = grid.reshape(-1, grid.shape[-1]).to(fitted["image_mean"].dtype).mean(dim=0)
-        return float(
-            torch.linalg.vector_norm((pooled - fitted["image_mean"]) @ fitted["image_whitening"])
-        )
+        return float(_image_distance(grid, self._on(grid.device)))
 
     def score_grid(self, grid: torch.Tensor) -> GridScores:
         """The patch map, and the image score from the Gaussian of whole-image features."""
         return GridScores(self.score(grid), image=self.image_score(grid))
+
+    def export_module(self) -> MahalanobisModule:
+        if not hasattr(self, "patch_mean_"):
+            raise RuntimeError("GaussianScorer is not fitted: call fit() first")
+        return MahalanobisModule(self.arrays())
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -207,3 +203,34 @@ class GaussianScorer(GridScorer):
     def n_features_in_(self) -> int:
         """Feature dimensions the fitted Gaussian expects."""
         return int(self.patch_mean_.shape[0])
+
+
+def _patch_distances(grid: torch.Tensor, fitted: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(h, w) float32 Mahalanobis distances of an (h, w, C) grid's patches, computed in the
+    dtype of the `fitted` arrays."""
+    flat = grid.reshape(-1, grid.shape[-1]).to(fitted["patch_mean"].dtype)
+    distances = torch.linalg.vector_norm(
+        (flat - fitted["patch_mean"]) @ fitted["patch_whitening"], dim=1
+    )
+    return distances.reshape(grid.shape[:-1]).float()
+
+
+def _image_distance(grid: torch.Tensor, fitted: dict[str, torch.Tensor]) -> torch.Tensor:
+    """0-d Mahalanobis distance of the grid's mean feature to the Gaussian of images'."""
+    pooled = grid.reshape(-1, grid.shape[-1]).to(fitted["image_mean"].dtype).mean(dim=0)
+    return torch.linalg.vector_norm((pooled - fitted["image_mean"]) @ fitted["image_whitening"])
+
+
+class MahalanobisModule(torch.nn.Module):
+    """The fitted Gaussians as buffers, in float64 as the library computes (`export_module`)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        super().__init__()
+        for key, value in arrays.items():
+            self.register_buffer(key, torch.from_numpy(np.asarray(value, dtype=np.float64)))
+
+    def forward(self, grid: torch.Tensor) -> GridScores:
+        fitted = dict(self.named_buffers())
+        return GridScores(
+            _patch_distances(grid, fitted), image=_image_distance(grid, fitted).float()
+        )

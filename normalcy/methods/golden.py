@@ -71,25 +71,12 @@ class GoldenTemplate(GridScorer):
         """(h, w) distance of each patch to the nearest patch of the `chosen` references
         within `radius` cells of its position."""
         references = torch.from_numpy(self.references_[chosen]).to(grid.device)
-        if tuple(grid.shape) != tuple(references.shape[1:]):
-            raise ValueError(
-                f"the image's feature grid {tuple(grid.shape[:2])} does not match the "
-                f"references' {tuple(references.shape[1:3])}: golden templates need images "
-                "of the references' size, aligned"
-            )
-        height, width = grid.shape[:2]
-        r = self.radius
-        # References padded by r cells of +inf distance, then every shift within the radius.
-        padded = torch.nn.functional.pad(
-            references.permute(0, 3, 1, 2), (r, r, r, r), value=float("nan")
-        ).permute(0, 2, 3, 1)
-        best = torch.full((height, width), torch.inf, device=grid.device)
-        for dy in range(2 * r + 1):
-            for dx in range(2 * r + 1):
-                shifted = padded[:, dy : dy + height, dx : dx + width]
-                squared = ((shifted - grid[None]) ** 2).sum(-1).nan_to_num(nan=torch.inf)
-                best = torch.minimum(best, squared.amin(0))
-        return best.sqrt()
+        return nearest_in_place(grid, references, self.radius)
+
+    def export_module(self) -> GoldenModule:
+        if not hasattr(self, "references_"):
+            raise RuntimeError("GoldenTemplate is not fitted: call fit() first")
+        return GoldenModule(self.references_, self.radius)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"references": self.references_}
@@ -99,3 +86,39 @@ class GoldenTemplate(GridScorer):
         method = cls(**params)
         method.references_ = fitted_array(arrays, "references", 4).astype(np.float32)
         return method
+
+
+def nearest_in_place(grid: torch.Tensor, references: torch.Tensor, radius: int) -> torch.Tensor:
+    """(h, w) distance of each patch of an (h, w, C) grid to the nearest patch of the
+    (R, h, w, C) references within `radius` cells of its position."""
+    if tuple(grid.shape) != tuple(references.shape[1:]):
+        raise ValueError(
+            f"the image's feature grid {tuple(grid.shape[:2])} does not match the "
+            f"references' {tuple(references.shape[1:3])}: golden templates need images "
+            "of the references' size, aligned"
+        )
+    height, width = grid.shape[:2]
+    r = radius
+    # References padded by r cells of +inf distance, then every shift within the radius.
+    padded = torch.nn.functional.pad(
+        references.permute(0, 3, 1, 2), (r, r, r, r), value=float("nan")
+    ).permute(0, 2, 3, 1)
+    best = torch.full((height, width), torch.inf, device=grid.device)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            shifted = padded[:, dy : dy + height, dx : dx + width]
+            squared = ((shifted - grid[None]) ** 2).sum(-1).nan_to_num(nan=torch.inf)
+            best = torch.minimum(best, squared.amin(0))
+    return best.sqrt()
+
+
+class GoldenModule(torch.nn.Module):
+    """The references as a buffer and the position-restricted search (`export_module`)."""
+
+    def __init__(self, references: np.ndarray, radius: int) -> None:
+        super().__init__()
+        self.register_buffer("references", torch.from_numpy(np.asarray(references)))
+        self.radius = radius
+
+    def forward(self, grid: torch.Tensor) -> GridScores:
+        return GridScores(nearest_in_place(grid, self.references, self.radius))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from normalcy.backbones import resolve_precision
-from normalcy.methods.base import GridScores, as_grid, exact_dtype
+from normalcy.methods.base import GridScores, NotExportable, as_grid, exact_dtype
 from normalcy.postprocess import SIGMA_AT_256, ranking_score
 
 # Fewer images than this make "what most images look like" meaningless...
@@ -221,6 +221,13 @@ class MutualScorer:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {}
+
+    def export_module(self) -> torch.nn.Module:
+        raise NotExportable(
+            "zero-shot mutual scoring has no fitted state: it scores each image against the "
+            "others of its batch, so its result depends on the batch, not on one image; fit "
+            "a model on normal images (patchknn, gaussian, golden) and export that"
+        )
 
     @classmethod
     def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> MutualScorer:

@@ -80,13 +80,16 @@ class PatchKNN(GridScorer):
         self._indexes: dict[str, Any] = {}
         return self
 
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "memory_bank_"):
+            raise RuntimeError("PatchKNN is not fitted: call fit() first")
+
     def _index(self, device: torch.device) -> Any:
         """The search structure for `device`, made once: faiss's exact index for float32 on
         the CPU; else the bank on the device and, for bfloat16, its (C + 1, N) form whose
         product with a query plus a trailing 1 is q.b - |b|^2 / 2, which ranks bank patches
         by distance to q."""
-        if not hasattr(self, "memory_bank_"):
-            raise RuntimeError("PatchKNN is not fitted: call fit() first")
+        self._check_fitted()
         self._indexes = getattr(self, "_indexes", {})
         key = str(device)
         if key not in self._indexes:
@@ -170,6 +173,10 @@ class PatchKNN(GridScorer):
         """Feature dimensions of the memory bank, which scored grids must have."""
         return int(self.memory_bank_.shape[1])
 
+    def export_module(self) -> NearestPatchModule:
+        self._check_fitted()
+        return NearestPatchModule(self.memory_bank_)
+
     @classmethod
     def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> PatchKNN:
         method = cls(**params)
@@ -217,12 +224,30 @@ def _nearest_reranked(
 def _nearest_exact(
     queries: torch.Tensor, bank: torch.Tensor, ranking: torch.Tensor, chunk: int = DEVICE_CHUNK
 ) -> torch.Tensor:
-    """Squared distance of each query to its nearest bank patch, by float32 products:
-    |q|^2 - 2 max_b (q.b - |b|^2 / 2)."""
+    """Squared distance of each query to its nearest bank patch, by float32 products, in
+    chunks of `chunk` queries."""
     found = torch.empty(len(queries), device=queries.device)
     for start in range(0, len(queries), chunk):
-        batch = queries[start : start + chunk]
-        ones = torch.ones(len(batch), 1, device=batch.device)
-        best = (torch.cat([batch, ones], dim=1) @ ranking).amax(dim=1)
-        found[start : start + chunk] = (batch**2).sum(dim=1) - 2 * best
+        found[start : start + chunk] = _squared_nearest(queries[start : start + chunk], ranking)
     return found
+
+
+def _squared_nearest(queries: torch.Tensor, ranking: torch.Tensor) -> torch.Tensor:
+    """|q|^2 - 2 max_b (q.b - |b|^2 / 2): each query's squared distance to its nearest bank
+    patch, from one product with the `_ranking` matrix."""
+    ones = torch.ones_like(queries[:, :1])
+    best = (torch.cat([queries, ones], dim=1) @ ranking).amax(dim=1)
+    return (queries**2).sum(dim=1) - 2 * best
+
+
+class NearestPatchModule(torch.nn.Module):
+    """Patch kNN as one matrix product with the bank's ranking matrix (`export_module`)."""
+
+    def __init__(self, bank: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("ranking", _ranking(torch.from_numpy(bank)).contiguous())
+
+    def forward(self, grid: torch.Tensor) -> GridScores:
+        queries = grid.reshape(-1, grid.shape[-1])
+        distances = _squared_nearest(queries, self.ranking).clamp(min=0).sqrt()
+        return GridScores(distances.reshape(grid.shape[:-1]))
