@@ -65,7 +65,7 @@ def main() -> int:
     args = parser.parse_args()
 
     # One template leaves no normal image to set a threshold from; AUROC needs none.
-    logging.getLogger("normalcy.detector").setLevel(logging.ERROR)
+    logging.getLogger("normalcy").setLevel(logging.ERROR)
     found = pairs(args.data, args.every)
     if not found:
         raise SystemExit(f"no pairs under {args.data}/test/defect")

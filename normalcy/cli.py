@@ -592,7 +592,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"model names must be unique, got {names}; use NAME=DIR to rename")
     models = {}
     for name, folder in named:
-        models[name] = Detector.load(folder, weights=args.weights, device=args.device)
+        if args.runtime == "torch":
+            models[name] = Detector.load(folder, weights=args.weights, device=args.device)
+        else:
+            from normalcy import runtime
+
+            engine = "onnxruntime" if args.runtime == "onnx" else args.runtime
+            models[name] = runtime.load(folder, engine)
         print(f"loaded {name} from {folder}", file=sys.stderr)
     settings = ServiceSettings(
         token=os.environ.get("NORMALCY_TOKEN") or None,
@@ -738,6 +744,13 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="HTTP service and web page for saved models (token: $NORMALCY_TOKEN)"
     )
     serve.add_argument("models", nargs="+", metavar="MODEL_DIR", help="a model folder or NAME=DIR")
+    serve.add_argument(
+        "--runtime",
+        choices=["torch", "onnx", "openvino"],
+        default="torch",
+        help="torch: model folders of `normalcy fit`; onnx (onnxruntime) or openvino: folders "
+        "of `normalcy export` (default: torch)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--weights", default=None, help="backbone weights file to use")

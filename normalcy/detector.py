@@ -697,6 +697,18 @@ class Detector:
             )
         return detector
 
+    def describe(self) -> dict[str, Any]:
+        """What the service lists about a model."""
+        return {
+            "backbone": self.backbone,
+            "method": self.method,
+            "shots": self.shots,
+            "threshold": self.threshold_,
+            "image_size": self.image_size,
+            "version": getattr(self, "normalcy_version_", __version__),
+            "runtime": "torch",
+        }
+
     def set_threshold(self, threshold: float) -> None:
         """Fix the image-score threshold (for example from a user's choice)."""
         self.threshold_ = float(threshold)

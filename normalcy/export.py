@@ -161,6 +161,7 @@ def _manifest(detector: Detector, size: tuple[int, int], files: list[Path]) -> d
         "precision": "float32",
         "backbone": detector.backbone,
         "method": detector.method,
+        "shots": detector.shots,
         "threshold": detector.threshold_,
         "pixel_threshold": detector.pixel_threshold_,
     }

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from normalcy.data import (
     MAX_PIXELS,
     ImageInput,
     ImageLoadError,
+    LoadedImage,
     expand_inputs,
     load_one,
 )
@@ -162,7 +163,12 @@ class ExportedModel:
             item = load_one(source, index, MAX_PIXELS, self.decode_side)
             if isinstance(item, ImageLoadError):
                 yield item
-                continue
+            else:
+                yield from self.predict_images([item])
+
+    def predict_images(self, images: Iterable[LoadedImage]) -> Iterator[Prediction]:
+        """Predictions for already decoded images (decoded for `decode_side`), in order."""
+        for item in images:
             score, score_map = self._scores(item.image)
             yield Prediction(
                 name=item.name,
@@ -173,6 +179,18 @@ class ExportedModel:
                 draw_map=partial(np.asarray, score_map),
                 pixel_threshold=self.pixel_threshold,
             )
+
+    def describe(self) -> dict[str, Any]:
+        """What the service lists about a model."""
+        return {
+            "backbone": self.manifest_.get("backbone"),
+            "method": self.manifest_.get("method"),
+            "shots": self.manifest_.get("shots"),
+            "threshold": self.threshold,
+            "image_size": min(self.network_size),
+            "version": self.manifest_.get("normalcy_version"),
+            "runtime": self.engine,
+        }
 
     def predict(self, x: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction]:
         """Prediction for one image, or a list for several (a folder, a list, a 4-D array).

@@ -725,3 +725,24 @@ def test_a_trickled_body_gets_408_though_each_part_comes_in_time(guarded: Server
                 sock.sendall(b"-")
     assert answer.startswith(b"HTTP/1.1 408") and b"read_timeout" in answer
     assert time.monotonic() - start < 6
+
+
+def test_an_exported_model_is_served_with_the_same_api(
+    model: Path, dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    pytest.importorskip("onnxruntime", reason="the runtime extra (onnxruntime) is not installed")
+    from normalcy import runtime
+    from normalcy.export import export_model
+
+    exported = export_model(model, tmp_path_factory.mktemp("exported") / "fabric")
+    paths = _images(dataset)["bad"][:2]
+    for served in _start([str(exported), "--runtime", "onnx"]):
+        (listed,) = httpx.get(served.url + "/v1/models").json()["models"]
+        assert listed["name"] == "fabric" and listed["runtime"] == "onnxruntime"
+        assert listed["method"] == "patchknn" and listed["backbone"] == "efficientnet_lite0"
+        response = _post(served, _files(*paths), params={"maps": 1})
+        assert response.status_code == 200
+        results = response.json()["results"]
+        expected = [p.score for p in runtime.load(exported).predict(paths)]
+        np.testing.assert_allclose([r["score"] for r in results], expected, rtol=1e-5)
+        assert all(r["overlay_png"] and r["mask_png"] for r in results)

@@ -36,8 +36,8 @@ from normalcy.data import (
     load_image_bytes,
     load_image_bytes_with_size,
 )
-from normalcy.detector import Detector, Prediction
-from normalcy.server.batching import BatchingWorker, QueueFullError
+from normalcy.prediction import Prediction
+from normalcy.server.batching import BatchingWorker, Model, QueueFullError
 from normalcy.server.budget import PixelBudget, header_pixels
 from normalcy.server.guard import RequestGuard, allowed_hosts
 from normalcy.server.metrics import Metrics
@@ -111,7 +111,7 @@ def _error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
-def create_app(models: dict[str, Detector], settings: ServiceSettings | None = None) -> FastAPI:
+def create_app(models: dict[str, Model], settings: ServiceSettings | None = None) -> FastAPI:
     """A FastAPI app serving the given loaded detectors by name."""
     settings = settings or ServiceSettings()
     metrics = Metrics()
@@ -316,16 +316,8 @@ def _unauthorised(answer) -> JSONResponse:
     )
 
 
-def _describe(name: str, detector: Detector) -> dict:
-    return {
-        "name": name,
-        "backbone": detector.backbone,
-        "method": detector.method,
-        "shots": detector.shots,
-        "threshold": detector.threshold_,
-        "image_size": detector.image_size,
-        "version": getattr(detector, "normalcy_version_", __version__),
-    }
+def _describe(name: str, model: Model) -> dict:
+    return {"name": name, **model.describe()}
 
 
 async def _read_upload(upload: UploadFile, settings: ServiceSettings, fail) -> tuple[str, bytes]:

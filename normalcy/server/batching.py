@@ -5,11 +5,24 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from normalcy.data import LoadedImage
-from normalcy.detector import Detector, Prediction
+from normalcy.prediction import Prediction
+
+
+class Model(Protocol):
+    """What the service needs of a model: a `Detector`, or an exported model
+    (`normalcy.runtime`)."""
+
+    decode_side: int | None
+
+    def predict_images(self, images: Iterable[LoadedImage]) -> Iterable[Prediction]: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 class QueueFullError(RuntimeError):
@@ -31,7 +44,7 @@ class BatchingWorker:
     """
 
     def __init__(
-        self, detector: Detector, max_batch: int = 8, max_delay: float = 0.01, max_queue: int = 64
+        self, detector: Model, max_batch: int = 8, max_delay: float = 0.01, max_queue: int = 64
     ) -> None:
         self.detector = detector
         self.max_batch = max_batch
