@@ -53,10 +53,13 @@ def _free_port() -> int:
 class Server:
     """A `normalcy serve` subprocess on a free loopback port."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, python: str = "-mnormalcy.cli"
+    ) -> None:
+        """`python` runs the command: a module (`-m...`) or code (`-c...`) given the args."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "normalcy.cli", "serve", *args, "--port", str(self.port)]
+        command = [sys.executable, python, "serve", *args, "--port", str(self.port)]
         environment = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(
             command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -81,8 +84,10 @@ class Server:
             self.process.kill()
 
 
-def _start(args: list[str], env: dict[str, str] | None = None) -> Iterator[Server]:
-    server = Server(args, env)
+def _start(
+    args: list[str], env: dict[str, str] | None = None, python: str = "-mnormalcy.cli"
+) -> Iterator[Server]:
+    server = Server(args, env, python)
     yield server
     server.stop()
 
@@ -736,7 +741,13 @@ def test_an_exported_model_is_served_with_the_same_api(
 
     exported = export_model(model, tmp_path_factory.mktemp("exported") / "fabric")
     paths = _images(dataset)["bad"][:2]
-    for served in _start([str(exported), "--runtime", "onnx"]):
+    # The command as where torch is not installed: importing it fails, the launcher serves.
+    without_torch = (
+        "-cimport sys; sys.modules['torch'] = None; sys.argv[0] = 'normalcy'; "
+        "from normalcy.launcher import main; sys.exit(main())"
+    )
+    for served in _start([str(exported), "--runtime", "onnx"], python=without_torch):
+        assert httpx.get(served.url + "/").status_code == 200  # the page
         (listed,) = httpx.get(served.url + "/v1/models").json()["models"]
         assert listed["name"] == "fabric" and listed["runtime"] == "onnxruntime"
         assert listed["method"] == "patchknn" and listed["backbone"] == "efficientnet_lite0"
