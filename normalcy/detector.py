@@ -294,7 +294,7 @@ class Detector:
                     self.skipped_.append(str(item))
             else:
                 if record:
-                    self.input_sizes_[backbone.input_size(*item.size)] += 1
+                    self.input_sizes_[backbone.network_size(*item.size)] += 1
                 if readable is not None:
                     readable.append(source)
                 yield item

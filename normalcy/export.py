@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from normalcy import __version__
-from normalcy.backbones import Backbone, aggregate, network_input
+from normalcy.backbones import Backbone, network_input
 from normalcy.detector import Detector
-from normalcy.methods.base import NotExportable
 from normalcy.pipeline import MapSettings, grid_image_score
 from normalcy.runtime import EXPORT_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION
 
@@ -50,9 +49,7 @@ class ScoringGraph(nn.Module):
         self.size = size
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = network_input(image, self.size)[None]
-        grid = aggregate(self.backbone(batch), self.backbone.pool, self.backbone.context)
-        scores = self.scorer(grid[0].permute(1, 2, 0))
+        scores = self.scorer(self.backbone.image_grid(network_input(image, self.size)))
         score = grid_image_score(scores, self.maps)
         return score, self.maps.shown_map(scores.patches, dense=False)
 
@@ -66,16 +63,11 @@ def export_model(
 ) -> Path:
     """Export the model saved in `model_dir` to the folder `out` (graph and export.json) for
     network inputs of `size` (height, width; default: the input size of most of its training
-    images), as ONNX or OpenVINO's format (`format`). Raises `NotExportable` for a model that
-    has no graph, saying why."""
+    images; for a tiled model the size its images are tiled at), as ONNX or OpenVINO's format
+    (`format`). Raises `NotExportable` for a model that has no graph, saying why."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     detector = Detector.load(model_dir, weights=weights, device="cpu", precision="float32")
-    if detector.tile_scale is not None:
-        raise NotExportable(
-            f"{model_dir} inspects in tiles (--tile-scale): tiled models are not exportable "
-            "yet; export a model fitted on whole images"
-        )
     size = _checked_size(detector, size)
     graph = ScoringGraph(
         detector.backbone_, detector.method_.export_module(), detector.map_settings(), size

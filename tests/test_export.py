@@ -159,16 +159,27 @@ def test_a_corrupted_or_mismatched_export_is_refused_naming_the_file(
         runtime.load(tmp_path)
 
 
-def test_zero_shot_and_tiled_models_are_refused_with_the_reason(tmp_path: Path) -> None:
+def test_zero_shot_scoring_is_refused_with_the_reason() -> None:
     from normalcy.methods.mutual import MutualScorer
 
     with pytest.raises(NotExportable, match="depends on the batch"):
         MutualScorer().export_module()
+
+
+def test_a_tiled_model_exports_at_the_size_its_images_are_tiled_at(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
-    images = [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for _ in range(2)]
-    tiled = Detector(tile_scale=1.0, threshold=1.0, **FAST).fit(images).save(tmp_path / "t")
-    with pytest.raises(NotExportable, match="tiles"):
-        export_model(tiled, tmp_path / "e")
+    images = [rng.integers(0, 256, (96, 120, 3), dtype=np.uint8) for _ in range(4)]
+    model = Detector(tile_scale=1.5, threshold=1.0, **FAST).fit(images[:2]).save(tmp_path / "t")
+    folder = export_model(model, tmp_path / "e")
+    library = Detector.load(model, precision="float32")
+    size = json.loads((folder / "export.json").read_text())["input"]["network_size"]
+    assert (
+        tuple(size)
+        == library.backbone_.network_size(96, 120)
+        != library.backbone_.input_size(96, 120)
+    )
+    for engine in ENGINES:
+        assert_same_predictions(runtime.load(folder, engine), library, images[2:])
 
 
 def test_export_command_writes_the_graph_and_explains_a_bad_size(

@@ -225,7 +225,12 @@ class Backbone(nn.Module):
         if self.tile_scale is not None:
             if dense:
                 raise ValueError("the dense map is not available with tiles")
-            return [self._tiled(image, batch_size) for image in images]
+            return [
+                self.image_grid(
+                    self.preprocess(image, self.network_size(*image.shape[:2])), batch_size
+                )
+                for image in images
+            ]
         out: list[torch.Tensor | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
@@ -256,12 +261,22 @@ class Backbone(nn.Module):
         """Grid cells across one tile (None when the whole image is one backbone input)."""
         return None if self.tile_scale is None else self._tile // self._cell()
 
-    def _tiled(self, image: np.ndarray, batch_size: int | None) -> torch.Tensor:
-        """The (h, w, C) grid of one image at `tile_scale`, stitched from its tiles'."""
+    def network_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image of `height` x `width` reaches the network at: `input_size`, or
+        with `tile_scale` the size it is cut into tiles at."""
+        if self.tile_scale is None:
+            return self.input_size(height, width)
+        margin = TILE_MARGIN * self._cell()
+        return tiled_size(height, width, self.tile_scale, self._tile, self.stride, margin)
+
+    def image_grid(self, pixels: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """The (h, w, C) grid of one image's (3, H, W) pixels at its `network_size`: one pass,
+        or with `tile_scale` its tiles' grids (up to `batch_size` tiles a pass) stitched."""
+        if self.tile_scale is None:
+            return aggregate(self(pixels[None]), self.pool, self.context)[0].permute(1, 2, 0)
         tile = self._tile
         margin = TILE_MARGIN * self._cell()
-        size = tiled_size(*image.shape[:2], self.tile_scale, tile, self.stride, margin)
-        pixels = self.preprocess(image, size)
+        size = tuple(pixels.shape[-2:])
         rows = tile_origins(size[0], tile, self.stride, margin)
         columns = tile_origins(size[1], tile, self.stride, margin)
         crops = [pixels[:, y : y + tile, x : x + tile] for y in rows for x in columns]
