@@ -74,6 +74,9 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     for key, kind in (("graph", str), ("sha256", dict), ("input", dict)):
         if not isinstance(manifest.get(key), kind):
             raise ExportFileError(path, f"{key!r} is missing or not a {kind.__name__}")
+    size = manifest["input"].get("network_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+        raise ExportFileError(path, "'input.network_size' must be [height, width]")
     return manifest
 
 

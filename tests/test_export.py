@@ -152,6 +152,10 @@ def test_a_corrupted_or_mismatched_export_is_refused_naming_the_file(
     manifest_file.write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(runtime.ExportFileError, match=r"export\.json: export format version 99"):
         runtime.load(exported)
+    del manifest["input"]["network_size"]
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(runtime.ExportFileError, match=r"export\.json: 'input.network_size'"):
+        runtime.load(exported)
     manifest_file.write_text("{not json")
     with pytest.raises(runtime.ExportFileError, match=r"export\.json: unreadable"):
         runtime.load(exported)
