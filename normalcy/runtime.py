@@ -88,11 +88,10 @@ def resize_pixels(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     the library's resize (torch's `interpolate(..., antialias=True)`, Pillow's BILINEAR), within
     0.01 of 255. For engines whose resize lacks antialiasing (OpenVINO): the image then
     reaches the graph at its network size, where the graph's resize is the identity."""
-    pixels = image.astype(np.float64)
-    pixels = np.einsum("ij,jwc->iwc", _filter_taps(image.shape[0], size[0]), pixels)
-    return np.einsum("ij,hjc->hic", _filter_taps(image.shape[1], size[1]), pixels).astype(
-        np.float32
-    )
+    height, width = image.shape[:2]
+    rows = _filter_taps(height, size[0]) @ image.reshape(height, -1).astype(np.float64)
+    columns = _filter_taps(width, size[1]) @ rows.reshape(size[0], width, -1)  # per row
+    return columns.astype(np.float32)
 
 
 def _filter_taps(source: int, target: int) -> np.ndarray:
@@ -138,13 +137,14 @@ class ExportedModel:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.engine == "onnxruntime" and graph.suffix != ".onnx":
             raise ValueError(f"{graph} is not an ONNX graph: run it with engine='openvino'")
+        self.network_size = tuple(self.manifest_["input"]["network_size"])
+        start = _onnxruntime if self.engine == "onnxruntime" else _openvino
         try:
-            self._run = (_onnxruntime if self.engine == "onnxruntime" else _openvino)(graph)
+            self._run = start(graph, self.network_size)
         except ImportError:
             raise
         except Exception as error:  # each engine raises its own exception types
             raise ExportFileError(graph, f"not a usable graph ({error})") from None
-        self.network_size = tuple(self.manifest_["input"]["network_size"])
         self.decode_side: int | None = self.manifest_["input"].get("decode_side")
         self.threshold: float | None = self.manifest_.get("threshold")
         self.pixel_threshold: float | None = self.manifest_.get("pixel_threshold")
@@ -208,7 +208,8 @@ def load(folder: str | os.PathLike, engine: str | None = None) -> ExportedModel:
     return ExportedModel(folder, engine)
 
 
-def _onnxruntime(graph: Path) -> Callable[[np.ndarray], list[np.ndarray]]:
+def _onnxruntime(graph: Path, network_size: tuple[int, int]) -> Callable[[np.ndarray], list]:
+    """A session on the graph (it resizes images of any size itself: `network_size` unused)."""
     try:
         import onnxruntime
     except ImportError:
@@ -224,12 +225,17 @@ def _onnxruntime(graph: Path) -> Callable[[np.ndarray], list[np.ndarray]]:
     return lambda pixels: session.run(None, {name: pixels})
 
 
-def _openvino(graph: Path) -> Callable[[np.ndarray], list[np.ndarray]]:
+def _openvino(graph: Path, network_size: tuple[int, int]) -> Callable[[np.ndarray], list]:
     try:
         import openvino
     except ImportError:
         raise ImportError("engine='openvino' needs openvino: pip install openvino") from None
-    # float32 throughout: OpenVINO's default on CPUs with bfloat16 instructions is bfloat16.
-    model = openvino.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    core = openvino.Core()
+    model = core.read_model(graph)
+    # Fixed at the network size it is always given (a dynamic shape runs several times
+    # slower); float32 throughout (OpenVINO's default on CPUs with bfloat16 instructions is
+    # bfloat16).
+    model.reshape([*network_size, 3])
+    model = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = model.create_infer_request()
     return lambda pixels: [request.infer([pixels])[output] for output in model.outputs]
