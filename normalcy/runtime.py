@@ -88,10 +88,11 @@ def resize_pixels(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     the library's resize (torch's `interpolate(..., antialias=True)`, Pillow's BILINEAR), within
     0.01 of 255. For engines whose resize lacks antialiasing (OpenVINO): the image then
     reaches the graph at its network size, where the graph's resize is the identity."""
-    height, width = image.shape[:2]
-    rows = _filter_taps(height, size[0]) @ image.reshape(height, -1).astype(np.float64)
-    columns = _filter_taps(width, size[1]) @ rows.reshape(size[0], width, -1)  # per row
-    return columns.astype(np.float32)
+    height, width, channels = image.shape
+    rows = _filter_taps(height, size[0]) @ image.reshape(height, -1).astype(np.float32)
+    across = rows.reshape(size[0], width, channels).transpose(1, 0, 2).reshape(width, -1)
+    columns = (_filter_taps(width, size[1]) @ across).reshape(size[1], size[0], channels)
+    return np.ascontiguousarray(columns.transpose(1, 0, 2))
 
 
 def _filter_taps(source: int, target: int) -> np.ndarray:
@@ -106,7 +107,7 @@ def _filter_taps(source: int, target: int) -> np.ndarray:
         high = min(int(centre + support + 0.5), source)
         weights = np.clip(1 - np.abs((np.arange(low, high) - centre + 0.5) * stretch), 0, None)
         taps[row, low:high] = weights / weights.sum()
-    return taps
+    return taps.astype(np.float32)
 
 
 class ExportedModel:
@@ -238,4 +239,9 @@ def _openvino(graph: Path, network_size: tuple[int, int]) -> Callable[[np.ndarra
     model.reshape([*network_size, 3])
     model = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = model.create_infer_request()
-    return lambda pixels: [request.infer([pixels])[output] for output in model.outputs]
+
+    def run(pixels: np.ndarray) -> list[np.ndarray]:
+        results = request.infer([pixels])  # one inference, both outputs
+        return [results[output] for output in model.outputs]
+
+    return run
