@@ -48,9 +48,6 @@ class KNNGaussianFusion:
     def get_params(self) -> dict[str, Any]:
         return {**self.knn.get_params(), "context_half": self.context_half}
 
-    def _appearance(self, grid: torch.Tensor) -> torch.Tensor:
-        return grid[..., : grid.shape[-1] // 2] if self.context_half else grid
-
     def fit(self, features: Iterable[np.ndarray | torch.Tensor]) -> KNNGaussianFusion:
         """Fit both models from per-image feature grids (h, w, C) in one pass."""
         sums = FeatureSums()
@@ -58,7 +55,7 @@ class KNNGaussianFusion:
         def observed() -> Iterator[torch.Tensor]:
             for grid in features:
                 grid = as_grid(grid)
-                sums.add(self._appearance(grid))
+                sums.add(appearance(grid, self.context_half))
                 yield grid
 
         self.knn_ = PatchKNN(**self.knn.get_params()).fit(observed())
@@ -70,7 +67,8 @@ class KNNGaussianFusion:
         if not hasattr(self, "knn_"):
             raise RuntimeError("KNNGaussianFusion is not fitted: call fit() first")
         grid = as_grid(grid)
-        return torch.stack([self.knn_.score(grid), self.gaussian_.score(self._appearance(grid))])
+        looks = appearance(grid, self.context_half)
+        return torch.stack([self.knn_.score(grid), self.gaussian_.score(looks)])
 
     def calibrate(self, normal_parts: Sequence[torch.Tensor]) -> KNNGaussianFusion:
         """Each part's mean and spread over the patches of held-out normal images."""
@@ -92,7 +90,7 @@ class KNNGaussianFusion:
         dtype = exact_dtype(parts.device)
         mean = torch.as_tensor(self.part_mean_).to(parts.device, dtype)[:, None, None]
         std = torch.as_tensor(self.part_std_).to(parts.device, dtype)[:, None, None]
-        return ((parts - mean) / std).mean(dim=0).float()
+        return standardised_mean(parts, mean, std)
 
     def score(self, grid: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Fused score of each patch of an (h, w, C) grid: (h, w)."""
@@ -157,7 +155,18 @@ class FusionModule(torch.nn.Module):
             self.register_buffer(key, torch.from_numpy(value)[:, None, None])
 
     def forward(self, grid: torch.Tensor) -> GridScores:
-        appearance = grid[..., : grid.shape[-1] // 2] if self.context_half else grid
-        parts = torch.stack([self.knn(grid).patches, self.gaussian(appearance).patches])
-        combined = ((parts.double() - self.part_mean) / self.part_std).mean(dim=0).float()
+        looks = appearance(grid, self.context_half)
+        parts = torch.stack([self.knn(grid).patches, self.gaussian(looks).patches])
+        combined = standardised_mean(parts, self.part_mean, self.part_std)
         return GridScores(combined, ranking=parts[KNNGaussianFusion.image_part])
+
+
+def appearance(grid: torch.Tensor, context_half: bool) -> torch.Tensor:
+    """The grid's appearance features: without its image-context half, where it has one."""
+    return grid[..., : grid.shape[-1] // 2] if context_half else grid
+
+
+def standardised_mean(parts: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(P, h, w) part scores -> (h, w) float32: each part standardised by its normal images'
+    `mean` and `std` (P, 1, 1), in their dtype, then averaged."""
+    return ((parts.to(mean.dtype) - mean) / std).mean(dim=0).float()
