@@ -530,10 +530,11 @@ def _print_summary(summary: dict) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from normalcy.export import export_model  # imports the ONNX exporter only when asked
+    from normalcy.runtime import read_manifest
 
     size = None if args.image_size is None else tuple(args.image_size)
     out = export_model(args.model, args.output, size, weights=args.weights, format=args.format)
-    manifest = json.loads((out / "export.json").read_text())
+    manifest = read_manifest(out)
     height, width = manifest["input"]["network_size"]
     print(
         f"exported {args.model} to {out}: {manifest['graph']} and export.json, network input "

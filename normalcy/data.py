@@ -12,7 +12,9 @@ import io
 import os
 import stat
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeAlias
@@ -153,6 +155,38 @@ def load_one(
         return LoadedImage(name=name, image=image, size=size)
     except ImageLoadError as err:
         return err
+
+
+PREFETCH = 4  # decoded images kept ready ahead of the consumer, per decoding thread
+
+
+def decode_threads() -> int:
+    """Threads that decode ahead of the network: a quarter of the cores, at least one (the
+    network keeps the others); enough to keep a GPU fed from a many-core host."""
+    return max(1, (os.cpu_count() or 1) // 4)
+
+
+def decoded_ahead(
+    sources: Sequence[ImageInput], min_side: int | None, threads: int | None = None
+) -> Iterator[LoadedImage | ImageLoadError]:
+    """`load_many(sources, min_side=...)`, in order, decoded by `threads` threads (default
+    `decode_threads()`) up to `PREFETCH` images each ahead of the consumer, so decoding
+    overlaps the forward pass (decoders and the network's engine release the GIL); an image
+    that cannot be read comes as its error, in its place. Abandoning the stream cancels the
+    rest."""
+    threads = threads or decode_threads()
+    with ThreadPoolExecutor(threads, thread_name_prefix="normalcy-decode") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for index, source in enumerate(sources):
+                pending.append(pool.submit(load_one, source, index, MAX_PIXELS, min_side))
+                if len(pending) >= threads * PREFETCH:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _load(

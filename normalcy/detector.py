@@ -29,6 +29,7 @@ from normalcy.data import (
     ImageInput,
     ImageLoadError,
     LoadedImage,
+    decoded_ahead,
     expand_inputs,
 )
 from normalcy.methods import create_method, method_from_state
@@ -46,7 +47,7 @@ from normalcy.modelfile import (
     read_model,
     save_model,
 )
-from normalcy.pipeline import MapSettings, Pipeline, decoded_ahead, feature_grids
+from normalcy.pipeline import MapSettings, Pipeline, feature_grids
 from normalcy.postprocess import SIGMA_AT_256
 from normalcy.prediction import Prediction, gathered
 

@@ -123,9 +123,8 @@ def _to_openvino(graph: Path) -> list[Path]:
 def _checked_size(detector: Detector, size: tuple[int, int] | None) -> tuple[int, int]:
     stride = detector.backbone_.stride
     if size is None:
-        if detector.input_size_ is None:
-            side = detector.image_size // stride * stride
-            return side, side
+        if detector.input_size_ is None:  # saved before it was recorded: a square image
+            return detector.backbone_.network_size(detector.image_size, detector.image_size)
         return tuple(detector.input_size_)  # type: ignore[return-value]
     if any(side < stride or side % stride for side in size):
         raise ValueError(

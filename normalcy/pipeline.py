@@ -10,17 +10,14 @@ reads `Prediction.anomaly_map` or `Prediction.mask`.
 from __future__ import annotations
 
 import itertools
-import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 
 from normalcy.backbones import Backbone
-from normalcy.data import MAX_PIXELS, ImageInput, ImageLoadError, LoadedImage, load_one
+from normalcy.data import ImageInput, ImageLoadError, LoadedImage, decoded_ahead
 from normalcy.methods.base import GridScores, Method
 from normalcy.postprocess import (
     SIGMA_AT_256,
@@ -31,7 +28,6 @@ from normalcy.postprocess import (
 )
 from normalcy.prediction import Prediction
 
-PREFETCH = 4  # decoded images kept ready ahead of the backbone, per decoding thread
 # Images gathered per bucketing window: those of one input size among them share batches.
 WINDOW_BATCHES = 4
 
@@ -77,34 +73,6 @@ def feature_grids(
     while window := list(itertools.islice(remaining, batch_size * WINDOW_BATCHES)):
         pixels = [item.image for item in window]
         yield window, backbone.features(pixels, dense=dense, batch_size=batch_size)
-
-
-def decode_threads() -> int:
-    """Threads that decode ahead of the backbone: a quarter of the cores, at least one (torch
-    keeps the others for the forward pass); enough to keep a GPU fed from a many-core host."""
-    return max(1, (os.cpu_count() or 1) // 4)
-
-
-def decoded_ahead(
-    sources: Sequence[ImageInput], min_side: int | None, threads: int | None = None
-) -> Iterator[LoadedImage | ImageLoadError]:
-    """`load_many(sources, min_side=...)`, in order, decoded by `threads` threads (default
-    `decode_threads()`) up to `PREFETCH` images each ahead of the consumer, so decoding
-    overlaps the forward pass (decoders and torch release the GIL); an image that cannot be
-    read comes as its error, in its place. Abandoning the stream cancels the rest."""
-    threads = threads or decode_threads()
-    with ThreadPoolExecutor(threads, thread_name_prefix="normalcy-decode") as pool:
-        pending: deque[Future] = deque()
-        try:
-            for index, source in enumerate(sources):
-                pending.append(pool.submit(load_one, source, index, MAX_PIXELS, min_side))
-                if len(pending) >= threads * PREFETCH:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 @dataclass

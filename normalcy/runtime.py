@@ -26,12 +26,11 @@ from typing import Any
 import numpy as np
 
 from normalcy.data import (
-    MAX_PIXELS,
     ImageInput,
     ImageLoadError,
     LoadedImage,
+    decoded_ahead,
     expand_inputs,
-    load_one,
 )
 from normalcy.prediction import Prediction, gathered
 
@@ -162,9 +161,9 @@ class ExportedModel:
     def predict_iter(
         self, inputs: ImageInput | Sequence[ImageInput]
     ) -> Iterator[Prediction | ImageLoadError]:
-        """A prediction per input, in order; unreadable inputs yield their error instead."""
-        for index, source in enumerate(expand_inputs(inputs)):
-            item = load_one(source, index, MAX_PIXELS, self.decode_side)
+        """A prediction per input, in order, decoded ahead in threads as the library does;
+        unreadable inputs yield their error instead."""
+        for item in decoded_ahead(expand_inputs(inputs), self.decode_side):
             if isinstance(item, ImageLoadError):
                 yield item
             else:

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from normalcy import Detector, Prediction, pipeline
+from normalcy import Detector, Prediction
+from normalcy import data as image_data
 from normalcy import prediction as prediction_module
 from normalcy.data import ImageLoadError, LoadedImage
 from normalcy.detector import augmentations, choose_setting
@@ -886,15 +887,15 @@ def test_abandoning_a_prediction_stream_stops_its_decoding_thread(
 def test_a_decoding_error_of_the_reader_reaches_the_caller(
     data: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    load_one = pipeline.load_one
+    load_one = image_data.load_one
 
     def broken(source, index, *args):
         if index == 1:
             raise OSError("disk gone")
         return load_one(source, index, *args)
 
-    monkeypatch.setattr(pipeline, "load_one", broken)
-    stream = pipeline.decoded_ahead(data["good"], None, threads=1)
+    monkeypatch.setattr(image_data, "load_one", broken)
+    stream = image_data.decoded_ahead(data["good"], None, threads=1)
     assert isinstance(next(stream), LoadedImage)
     with pytest.raises(OSError, match="disk gone"):
         next(stream)
@@ -909,16 +910,16 @@ def test_decoding_ahead_keeps_the_order_and_errors_in_place(
     sources = [*data["good"], broken, *data["bad"]] * 3
     names = [
         item.name if isinstance(item, LoadedImage) else item.source
-        for item in pipeline.decoded_ahead(sources, None, threads)
+        for item in image_data.decoded_ahead(sources, None, threads)
     ]
     assert names == [str(s) for s in sources]
     errors = [i for i, s in enumerate(sources) if s == broken]
-    decoded = list(pipeline.decoded_ahead(sources, None, threads))
+    decoded = list(image_data.decoded_ahead(sources, None, threads))
     assert all(isinstance(decoded[i], ImageLoadError) for i in errors)
 
 
 def test_abandoning_a_pool_of_decoding_threads_stops_them(data: dict[str, list[Path]]) -> None:
-    stream = pipeline.decoded_ahead(data["good"] * 50, None, threads=3)
+    stream = image_data.decoded_ahead(data["good"] * 50, None, threads=3)
     next(stream)
     stream.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("normalcy-decode_")]
