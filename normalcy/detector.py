@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import logging
 import math
@@ -212,6 +213,12 @@ class Detector:
         self.device = device
         self.tile_scale = tile_scale
 
+    def get_params(self) -> dict[str, Any]:
+        """The constructor's parameters, as given: `Detector(**d.get_params())` is an unfitted
+        copy (how workers of a distributed fit rebuild it)."""
+        names = inspect.signature(Detector.__init__).parameters
+        return {name: getattr(self, name) for name in names if name != "self"}
+
     # ----------------------------------------------------------------- features
     def _backbone(self) -> Backbone:
         if getattr(self, "backbone_", None) is None:
@@ -389,7 +396,18 @@ class Detector:
             normal, dense_peaks = self._leave_one_out_results(references, few_shot)
             self.method_.fit(self._bank_grids(references, few_shot))
             scheme = "each left out of a model of the others"
-        self.n_train_ = len(sources) - len(self.skipped_)
+        return self._fitted(len(sources), normal, dense_peaks, scheme)
+
+    def _fitted(
+        self,
+        n_sources: int,
+        normal: list[tuple[float, float]],
+        dense_peaks: list[float],
+        scheme: str,
+    ) -> Detector:
+        """The end of every fit, once `method_`, `skipped_` and `input_sizes_` are set: the
+        counts and the thresholds from the normal images' results."""
+        self.n_train_ = n_sources - len(self.skipped_)
         common = self.input_sizes_.most_common(1)
         self.input_size_ = list(common[0][0]) if common else None
         self._set_thresholds(normal, dense_peaks, scheme)

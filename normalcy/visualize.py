@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from normalcy.prediction import resize_map
+from normalcy.data import load_image
+from normalcy.prediction import Prediction, resize_map
 
 # Anchor colours of a dark-to-bright, perceptually ordered ramp (black, purple, red, orange,
 # pale yellow), in the spirit of "inferno"; the 256-entry LUT interpolates between them.
@@ -45,6 +46,8 @@ _LUT = (
 OUTLINE_COLOUR = np.array([0, 255, 255], dtype=np.uint8)
 _OUTLINE_WIDTH = 2
 _Z_HUFFMAN_ONLY = 2  # zlib compression strategy
+MAX_OVERLAY_PIXELS = 16_000_000  # map files: larger overlays are written reduced
+MAP_BAND_ROWS = 256  # rows of a full-size map made at a time
 
 
 def heatmap(anomaly_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -204,3 +207,30 @@ def thumbnail(array: np.ndarray, max_side: int) -> np.ndarray:
         raise ValueError(f"expected uint8 image or float (H, W) map, got {array.dtype}")
     resized = np.asarray(source.resize(size, Image.Resampling.BILINEAR))
     return resized.astype(array.dtype, copy=False)
+
+
+def write_map_files(out: Path, stem: str, prediction: Prediction, vmax: float) -> dict[str, str]:
+    """The map (.npy) and mask at the image's full size, made and written in bands of rows so
+    neither the map nor the image is ever whole in memory; the overlay up to 16 megapixels."""
+    size = prediction.image_size
+    threshold = prediction.pixel_threshold
+    mask = None if threshold is None else np.empty(size, np.uint8)
+    with open(out / f"{stem}_map.npy", "wb") as npy:
+        header = {"descr": "<f4", "fortran_order": False, "shape": tuple(size)}
+        np.lib.format.write_array_header_1_0(npy, header)
+        for start in range(0, size[0], MAP_BAND_ROWS):
+            rows = (start, min(start + MAP_BAND_ROWS, size[0]))
+            band = resize_map(prediction.score_map, size, rows)
+            npy.write(band.astype("<f4", copy=False).tobytes())
+            if mask is not None:
+                mask[rows[0] : rows[1]] = (band > threshold) * np.uint8(255)
+    files = {"overlay": f"{stem}_overlay.png", "map": f"{stem}_map.npy"}
+    if mask is not None:
+        save_png(out / f"{stem}_mask.png", mask)
+        files["mask"] = f"{stem}_mask.png"
+    image = load_image(prediction.name, min_side=overlay_decode_side(size, MAX_OVERLAY_PIXELS))
+    shown, _ = bounded_overlay(
+        image, prediction.score_map, size, vmax, threshold, MAX_OVERLAY_PIXELS
+    )
+    save_png(out / f"{stem}_overlay.png", shown)
+    return files

@@ -66,13 +66,23 @@ class StreamingCoreset:
         self._sources: list[np.ndarray] = []
         self.n_seen = 0
 
+    def reduce(self, chunk: np.ndarray, key: int) -> np.ndarray:
+        """The rows of one (N, D) chunk that it keeps: a pure function of the chunk and its
+        `key` (the seed offset, its arrival number), so chunks may be reduced anywhere, e.g.
+        on other machines, and `keep` in order."""
+        n_keep = max(1, round(len(chunk) * self.ratio))
+        indices = greedy_coreset(chunk, n_keep, self.projection_dim, self.seed + key)
+        return np.ascontiguousarray(chunk[np.sort(indices)], dtype=np.float32)
+
+    def keep(self, rows: np.ndarray, n_seen: int) -> None:
+        """Keep the reduced rows of the next chunk, which had `n_seen` rows."""
+        self._kept.append(rows)
+        self._sources.append(np.full(len(rows), len(self._sources), dtype=np.int64))
+        self.n_seen += n_seen
+
     def add(self, chunk: np.ndarray) -> None:
         """Reduce one (N, D) chunk and keep the result."""
-        n_keep = max(1, round(len(chunk) * self.ratio))
-        indices = greedy_coreset(chunk, n_keep, self.projection_dim, self.seed + len(self._kept))
-        self._kept.append(np.ascontiguousarray(chunk[np.sort(indices)], dtype=np.float32))
-        self._sources.append(np.full(len(indices), len(self._sources), dtype=np.int64))
-        self.n_seen += len(chunk)
+        self.keep(self.reduce(chunk, len(self._kept)), len(chunk))
 
     def finish(self) -> np.ndarray:
         """The final (M, D) coreset, M <= max_size."""

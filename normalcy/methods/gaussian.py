@@ -41,6 +41,15 @@ class Moments:
         self.sq_norm_sq += (norms**2).sum()
         self.sq_norm_x += norms @ x
 
+    def merge(self, other: Moments) -> None:
+        """Add the sums of other samples (kept elsewhere, e.g. on another machine)."""
+        self.n += other.n
+        self.sum += other.sum
+        self.outer += other.outer
+        self.sq_norm += other.sq_norm
+        self.sq_norm_sq += other.sq_norm_sq
+        self.sq_norm_x += other.sq_norm_x
+
     def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Mean, Ledoit-Wolf shrunk covariance and the shrinkage used (0 = none, 1 = all)."""
         if self.n < 2:
@@ -79,6 +88,16 @@ class FeatureSums:
             self.patches, self.images = Moments(flat.shape[1]), Moments(flat.shape[1])
         self.patches.add(flat)
         self.images.add(flat.mean(axis=0))
+
+    def merge(self, other: FeatureSums) -> None:
+        """Add sums gathered from other images: the same sums as if this had seen them."""
+        if other.patches is None or other.images is None:
+            return
+        if self.patches is None or self.images is None:  # own arrays: others may be read-only
+            dims = other.patches.sum.size
+            self.patches, self.images = Moments(dims), Moments(dims)
+        self.patches.merge(other.patches)
+        self.images.merge(other.images)
 
 
 def whitening(cov: np.ndarray, low_variance_fraction: float | None) -> np.ndarray:

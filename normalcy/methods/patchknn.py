@@ -7,7 +7,7 @@ is its distance to the nearest normal patch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import faiss
@@ -65,15 +65,32 @@ class PatchKNN(GridScorer):
             "precision": self.precision,
         }
 
+    def _coreset(self) -> StreamingCoreset:
+        return StreamingCoreset(
+            self.coreset_ratio, self.max_bank_size, self.projection_dim, self.seed
+        )
+
     def fit(self, features: Iterable[np.ndarray | torch.Tensor]) -> PatchKNN:
         """Build the bank from per-image feature grids (h, w, C) or patch lists (N, C); each
         is reduced on arrival, so only the bank's share of them is ever held."""
-        coreset = StreamingCoreset(
-            self.coreset_ratio, self.max_bank_size, self.projection_dim, self.seed
-        )
-        for grid in features:
-            patches = as_grid(grid).reshape(-1, grid.shape[-1])
-            coreset.add(patches.cpu().numpy())
+        return self.fit_reduced(self.reduce(features))
+
+    def reduce(
+        self, features: Iterable[np.ndarray | torch.Tensor], first: int = 0
+    ) -> Iterator[tuple[np.ndarray, int]]:
+        """Each image's share of the bank and its patch count, for images numbered from
+        `first` in the order of the fit: a fit may be split into parts reduced apart (on
+        other machines) and joined in order by `fit_reduced`, giving the same bank."""
+        coreset = self._coreset()
+        for key, grid in enumerate(features, first):
+            patches = as_grid(grid).reshape(-1, grid.shape[-1]).cpu().numpy()
+            yield coreset.reduce(patches, key), len(patches)
+
+    def fit_reduced(self, reduced: Iterable[tuple[np.ndarray, int]]) -> PatchKNN:
+        """Build the bank from `reduce`'s output, in the order of the fit."""
+        coreset = self._coreset()
+        for rows, n_seen in reduced:
+            coreset.keep(rows, n_seen)
         self.memory_bank_ = coreset.finish()
         self.bank_sources_ = coreset.sources_  # not saved: only calibration needs it
         self.n_patches_seen_ = coreset.n_seen
