@@ -311,8 +311,8 @@ def _modelless_detector(args: argparse.Namespace, method: str, **extra) -> Detec
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    if args.ray is not None and (args.reference or args.zero_shot):
-        raise ValueError("--ray scores with a saved model: no --reference or --zero-shot")
+    if args.ray is not None and args.reference:
+        raise ValueError("--ray scores with a saved model or zero-shot: no --reference")
     if args.reference:
         if args.zero_shot or args.dense_map:
             raise ValueError(
@@ -325,6 +325,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.dense_map:
             raise ValueError("--dense-map is for fitted models; zero-shot maps use the plain grid")
         detector = _modelless_detector(args, MUTUAL, scorer=_scorer(args))
+        if args.ray is not None:
+            return _on_ray(args, detector, args.paths)
         return _write_predictions(args, detector, detector.zero_shot(args.paths), "zero-shot")
     if len(args.paths) < 2:
         raise ValueError(
@@ -333,7 +335,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     model_dir, inputs = args.paths[0], args.paths[1:]
     if args.ray is not None:
-        return _predict_on_ray(args, model_dir, inputs)
+        return _on_ray(args, model_dir, inputs)
     detector = Detector.load(model_dir, weights=args.weights, device=args.device)
     detector.progress = not args.json
     if args.dense_map is not None:
@@ -345,8 +347,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return _write_predictions(args, detector, detector.predict_iter(inputs), str(model_dir))
 
 
-def _predict_on_ray(args: argparse.Namespace, model_dir: str, inputs: list[str]) -> int:
-    """predict --ray: results stream to OUT/results-*.parquet; a rerun skips what is done."""
+def _on_ray(args: argparse.Namespace, model: str | Detector, inputs: list[str]) -> int:
+    """predict --ray with a model folder, or zero-shot with a detector: results go to
+    OUT/results-*.parquet as the job goes."""
     from normalcy import distributed
 
     if not args.output or args.json or args.report or args.dense_map is not None:
@@ -354,20 +357,18 @@ def _predict_on_ray(args: argparse.Namespace, model_dir: str, inputs: list[str])
             "--ray writes its results to -o OUT (Parquet files); "
             "it takes no --json, --report or --dense-map"
         )
-    if args.threshold is not None or args.weights is not None or args.device != "auto":
-        raise ValueError(
-            "--ray scores as the model was saved: no --threshold, --weights or --device "
-            "(actors use a GPU where the cluster has one)"
+    address = args.ray or None
+    if isinstance(model, Detector):
+        summary = distributed.zero_shot(model, inputs, args.output, address)
+    else:
+        if args.threshold is not None or args.weights is not None or args.device != "auto":
+            raise ValueError(
+                "--ray scores as the model was saved: no --threshold, --weights or --device "
+                "(actors use a GPU where the cluster has one)"
+            )
+        summary = distributed.predict(
+            model, inputs, args.output, address, args.actors, args.batch_size, args.maps
         )
-    summary = distributed.predict(
-        model_dir,
-        inputs,
-        args.output,
-        address=args.ray or None,
-        actors=args.actors,
-        batch_size=args.batch_size,
-        maps=args.maps,
-    )
     print(
         f"{summary.scored} scored, {summary.unreadable} unreadable (reasons in the results), "
         f"{summary.already_done} already done by an earlier run; "

@@ -37,7 +37,7 @@ from normalcy.methods import create_method, method_from_state
 from normalcy.methods.base import GridScores, Method
 from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.methods.golden import GoldenTemplate
-from normalcy.methods.mutual import MutualScorer
+from normalcy.methods.mutual import MutualScorer, content_key
 from normalcy.modelfile import (
     MAX_CLOSING,
     MAX_CONTEXT,
@@ -534,6 +534,7 @@ class Detector:
         sources = expand_inputs(inputs)
         results: list[Prediction | ImageLoadError | None] = []
         readable: list[tuple[int, str, tuple[int, int]]] = []
+        keys: list[bytes] = []  # the split into sub-batches follows the decoded pixels
         bar = tqdm(total=len(sources), desc="features", unit="img", disable=not self.progress)
 
         def decoded() -> Iterator[LoadedImage]:
@@ -545,6 +546,7 @@ class Detector:
                     results.append(item)
                     continue
                 readable.append((len(results), item.name, item.size))
+                keys.append(content_key(item.image))
                 results.append(None)
                 yield item
 
@@ -554,17 +556,20 @@ class Detector:
             for grid in window
         ]
         bar.close()
-        scorer = self.scorer or MutualScorer(precision=self.precision, sigma=self.sigma)
-        bar = tqdm(
-            total=scorer.n_blocks(grids), desc="mutual", unit="block", disable=not self.progress
-        )
-        scores = scorer.score_batch(grids, on_block=bar.update)
+        scorer = self.mutual_scorer()
+        blocks = scorer.n_blocks(grids, keys)
+        bar = tqdm(total=blocks, desc="mutual", unit="block", disable=not self.progress)
+        scores = scorer.score_batch(grids, on_block=bar.update, keys=keys)
         bar.close()
         self.threshold_ = self.threshold
         pipeline = self._pipeline(scorer, dense=False)
         for (position, name, size), grid_scores in zip(readable, scores, strict=True):
             results[position] = pipeline.prediction(name, size, grid_scores)
         return results  # type: ignore[return-value]
+
+    def mutual_scorer(self) -> MutualScorer:
+        """The zero-shot scorer: `scorer`, or the default one in this detector's settings."""
+        return self.scorer or MutualScorer(precision=self.precision, sigma=self.sigma)
 
     def predict_images(self, images: Iterable[LoadedImage]) -> Iterator[Prediction]:
         """Predictions for already decoded images, in order."""

@@ -153,6 +153,12 @@ class PredictSummary:
     seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
 
+    def count(self, table: Any) -> None:
+        """Count a table of result rows in."""
+        failed = table.num_rows - table.column("error").null_count
+        self.unreadable += failed
+        self.scored += table.num_rows - failed
+
     @property
     def images_per_second(self) -> float:
         return (self.scored + self.unreadable) / self.seconds if self.seconds else 0.0
@@ -270,9 +276,7 @@ def predict(
     try:
         for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(table)
-            failed = table.num_rows - table.column("error").null_count
-            summary.unreadable += failed
-            summary.scored += table.num_rows - failed
+            summary.count(table)
             bar.update(table.num_rows)
     finally:
         bar.close()
@@ -319,19 +323,22 @@ def _held_out_part(detector: Detector, sources: list[str]) -> tuple[list, list[f
     return normal, dense
 
 
-def _run_parts(ray: Any, function: Any, parts: list[tuple], what: str, progress: bool) -> list:
-    """`function(*part)` for every part as Ray tasks, results in the parts' order."""
+def _run_parts(ray: Any, function: Any, parts: list[tuple], what: str, progress: bool) -> Any:
+    """`function(*part)` for every part as Ray tasks: (part's index, result) pairs as they
+    finish."""
     from tqdm import tqdm
 
     remote = ray.remote(function)
     pending = {remote.remote(*part): i for i, part in enumerate(parts)}
-    results: list[Any] = [None] * len(parts)
     with tqdm(total=len(parts), desc=what, unit="part", disable=not progress) as bar:
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            results[pending.pop(done[0])] = ray.get(done[0])
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            yield pending.pop(done), ray.get(done)
             bar.update()
-    return results
+
+
+def _in_order(finished: Any) -> list:
+    return [result for _, result in sorted(finished, key=lambda pair: pair[0])]
 
 
 def fit(
@@ -371,7 +378,7 @@ def fit(
         (params, bank[start : start + part_images], start)
         for start in range(0, len(bank), part_images)
     ]
-    results = _run_parts(ray, _fit_part, parts, "fit on ray", progress)
+    results = _in_order(_run_parts(ray, _fit_part, parts, "fit on ray", progress))
     detector.skipped_ = [line for result in results for line in result["skipped"]]
     detector.input_sizes_ = sum((r["input_sizes"] for r in results), Counter())
     readable = [source for result in results for source in result["readable"]]
@@ -392,7 +399,7 @@ def fit(
             (shipped_ref, held[start : start + part_images])
             for start in range(0, len(held), part_images)
         ]
-        scored = _run_parts(ray, _held_out_part, held_parts, "hold-out on ray", progress)
+        scored = _in_order(_run_parts(ray, _held_out_part, held_parts, "hold-out", progress))
         normal_results = [row for rows, _ in scored for row in rows]
         dense_peaks = [peak for _, peaks in scored for peak in peaks]
         scheme = "every 10th held out of the bank"
@@ -401,3 +408,89 @@ def fit(
         normal_results, dense_peaks = detector._left_out_results(readable)
         scheme = "each scored against the bank without its own patches"
     return detector._fitted(len(sources), normal_results, dense_peaks, scheme)
+
+
+def _content_keys(params: dict[str, Any], sources: list[str]) -> list[bytes | str]:
+    """Each image's content key as zero-shot scoring computes it, or why it is unreadable."""
+    from normalcy.data import load_many
+    from normalcy.methods.mutual import content_key
+
+    side = Detector(**params).decode_side
+    return [
+        item.reason if isinstance(item, ImageLoadError) else content_key(item.image)
+        for item in load_many(sources, min_side=side)
+    ]
+
+
+def _zero_shot_part(params: dict[str, Any], sources: list[str]) -> Any:
+    """One sub-batch scored against itself, as result rows."""
+    rows: dict[str, list] = {name: [] for name in COLUMNS}
+    for source, outcome in zip(sources, Detector(**params).zero_shot(sources), strict=True):
+        row: dict[str, Any] = dict.fromkeys(COLUMNS)
+        if isinstance(outcome, ImageLoadError):  # readable when keyed; not any more
+            row["error"] = outcome.reason
+        else:
+            row.update(outcome.to_json())
+        row["name"] = source
+        for key in COLUMNS:
+            rows[key].append(row[key])
+    return result_table(rows)
+
+
+def zero_shot(
+    detector: Detector,
+    inputs: ImageInput | Sequence[ImageInput],
+    out: str | os.PathLike,
+    address: str | None = None,
+    part_images: int = PART_IMAGES,
+    progress: bool = True,
+) -> PredictSummary:
+    """Zero-shot scoring of a large unlabelled set on Ray, with the results of
+    `detector.zero_shot(inputs)`: the set is split into the same sub-batches (by the content
+    of the decoded images, see `mutual.sub_batches`) and each is scored against itself in
+    its own task. Rows go to `out`/results-*.parquet as sub-batches finish.
+
+    A sub-batch's scores depend on its other images, so a run starts from an empty `out`
+    (no resume), and re-scoring across the set (`rescore_neighbours`) is not offered.
+    """
+    from normalcy.methods.mutual import sub_batches
+
+    scorer = detector.mutual_scorer()
+    if detector.method != "mutual" or scorer.rescore_neighbours:
+        raise ValueError(
+            "zero-shot on Ray scores with method mutual and no re-scoring (--mutual-rescore 0):"
+            " re-scoring compares image scores across the whole set"
+        )
+    out = Path(out)
+    if list(out.glob(RESULT_GLOB)):
+        raise ValueError(
+            f"{out} already holds results: zero-shot scores depend on the whole set, so a run "
+            "on Ray starts from an empty output folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [str(source) for source in expand_inputs(inputs)]
+    ray = connect(address)
+    params = {**detector.get_params(), "progress": False}
+    parts = [(params, sources[i : i + part_images]) for i in range(0, len(sources), part_images)]
+    start = time.perf_counter()
+    keyed = _in_order(_run_parts(ray, _content_keys, parts, "read", progress))
+    keys = [key for part in keyed for key in part]
+    readable = [i for i, key in enumerate(keys) if isinstance(key, bytes)]
+    failed = [i for i, key in enumerate(keys) if isinstance(key, str)]
+    writer = ResultWriter(out, ROWS_PER_FILE)
+    if failed:
+        rows: dict[str, list] = {name: [None] * len(failed) for name in COLUMNS}
+        rows["name"], rows["error"] = [sources[i] for i in failed], [keys[i] for i in failed]
+        writer.add(result_table(rows))
+    summary = PredictSummary(unreadable=len(failed))
+    groups = sub_batches([keys[i] for i in readable], scorer.max_peers) if readable else []
+    batches = [(params, [sources[readable[i]] for i in group]) for group in groups]
+    try:
+        for _, table in _run_parts(ray, _zero_shot_part, batches, "zero-shot on ray", progress):
+            writer.add(table)
+            summary.count(table)
+    finally:
+        writer.flush()
+        summary.files = writer.files
+        summary.seconds = time.perf_counter() - start
+    return summary

@@ -14,6 +14,8 @@ from conftest import FAST_OPTIONS
 
 from normalcy import Detector, distributed
 from normalcy.cli import main
+from normalcy.data import ImageLoadError
+from normalcy.methods.mutual import MutualScorer
 
 ray = pytest.importorskip(
     "ray", reason="the ray extra is not installed (pip install 'normalcy[ray]')"
@@ -186,3 +188,25 @@ def test_cli_fit_on_ray_saves_a_model_that_predicts(local_ray, dataset, tmp_path
     assert "12 normal images" in capsys.readouterr().out
     prediction = Detector.load(target).predict(next((dataset / "test").rglob("*.png")))
     assert np.isfinite(prediction.score)
+
+
+def test_zero_shot_on_ray_equals_the_single_machine_split(local_ray, inputs, tmp_path):
+    def detector() -> Detector:
+        scorer = MutualScorer(max_peers=4, precision="float32")
+        return Detector(
+            backbone="efficientnet_lite0", image_size=64, method="mutual", scorer=scorer
+        )
+
+    local = detector().zero_shot(inputs)
+    out = tmp_path / "out"
+    summary = distributed.zero_shot(detector(), inputs, out, part_images=3, progress=False)
+    assert (summary.scored, summary.unreadable) == (len(inputs) - 1, 1)
+    rows = {row["name"]: row for row in _rows(out)}
+    for source, outcome in zip(inputs, local, strict=True):
+        row = rows[str(source)]
+        if isinstance(outcome, ImageLoadError):
+            assert row["score"] is None and row["error"]
+        else:
+            assert row["score"] == pytest.approx(outcome.score, rel=1e-5)
+    with pytest.raises(ValueError, match="already holds results"):
+        distributed.zero_shot(detector(), inputs, out, progress=False)

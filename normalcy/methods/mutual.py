@@ -106,19 +106,21 @@ def nearest_distances(
     return [t.mul_(-2).add_(2).clamp_(min=0).sqrt_() for t in tables]
 
 
-def sub_batches(grids: Sequence[np.ndarray | torch.Tensor], max_peers: int) -> list[list[int]]:
-    """Indices of the batch dealt into the fewest sub-batches of at most `max_peers` images,
-    in an order set by the images' content: each sub-batch is a spread sample of the batch,
-    and the split does not depend on the order the images came in."""
-    parts = math.ceil(len(grids) / max_peers)
+def content_key(array: np.ndarray | torch.Tensor) -> bytes:
+    """A digest of an array's values: what `sub_batches` orders images by."""
+    values = array.cpu().numpy() if isinstance(array, torch.Tensor) else array
+    return hashlib.blake2b(np.ascontiguousarray(values).tobytes()).digest()
+
+
+def sub_batches(keys: Sequence[bytes], max_peers: int) -> list[list[int]]:
+    """Indices of a batch of images with these content keys (`content_key` of each image's
+    pixels or grid) dealt into the fewest sub-batches of at most `max_peers` images, in the
+    keys' order: each sub-batch is a spread sample of the batch, and the split does not
+    depend on the order the images came in, nor on where their features are computed."""
+    parts = math.ceil(len(keys) / max_peers)
     if parts <= 1:
-        return [list(range(len(grids)))]
-    order = sorted(
-        range(len(grids)),
-        key=lambda i: hashlib.blake2b(
-            np.ascontiguousarray(as_grid(grids[i]).cpu().numpy()).tobytes()
-        ).digest(),
-    )
+        return [list(range(len(keys)))]
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
     return [sorted(order[p::parts]) for p in range(parts)]
 
 
@@ -201,10 +203,10 @@ class MutualScorer:
             "sigma": self.sigma,
         }
 
-    def n_blocks(self, grids: Sequence[np.ndarray]) -> int:
+    def n_blocks(self, grids: Sequence[np.ndarray], keys: Sequence[bytes] | None = None) -> int:
         """How many distance blocks `score_batch` computes (for progress bars)."""
         total = 0
-        for members in sub_batches(grids, self.max_peers):
+        for members in self.split(grids, keys):
             lengths = [grids[i].shape[0] * grids[i].shape[1] for i in members]
             groups = len(_blocks(lengths, self.block_patches))
             total += groups * (groups + 1) // 2
@@ -238,12 +240,24 @@ class MutualScorer:
         """Any: a batch is scored against itself."""
         return None
 
+    def split(
+        self, grids: Sequence[np.ndarray | torch.Tensor], keys: Sequence[bytes] | None = None
+    ) -> list[list[int]]:
+        """The sub-batches the batch is scored in (`sub_batches`), by the images' content keys
+        (default: their grids')."""
+        return sub_batches(
+            [content_key(g) for g in grids] if keys is None else keys, self.max_peers
+        )
+
     def score_batch(
-        self, grids: Sequence[torch.Tensor], on_block: Callable[[], None] | None = None
+        self,
+        grids: Sequence[torch.Tensor],
+        on_block: Callable[[], None] | None = None,
+        keys: Sequence[bytes] | None = None,
     ) -> list[GridScores]:
-        """The batch scored against itself; with re-scoring, image scores smoothed over
-        similar images."""
-        patches = self.patch_scores(grids, on_block)
+        """The batch scored against itself (in sub-batches, see `split`); with re-scoring,
+        image scores smoothed over similar images."""
+        patches = self.patch_scores(grids, on_block, keys)
         if not self.rescore_neighbours:
             return [GridScores(p) for p in patches]
         ranked = np.array([ranking_score(p, self.sigma) for p in patches])
@@ -252,7 +266,10 @@ class MutualScorer:
 
     @torch.inference_mode()
     def patch_scores(
-        self, grids: Sequence[np.ndarray | torch.Tensor], on_block: Callable[[], None] | None = None
+        self,
+        grids: Sequence[np.ndarray | torch.Tensor],
+        on_block: Callable[[], None] | None = None,
+        keys: Sequence[bytes] | None = None,
     ) -> list[torch.Tensor]:
         """Patch anomaly scores (h, w) for each (h, w, C) grid of the batch."""
         if len(grids) < MIN_BATCH:
@@ -273,7 +290,7 @@ class MutualScorer:
         total = [
             torch.zeros(g.shape[:2], dtype=exact_dtype(g.device), device=g.device) for g in grids
         ]
-        for members in sub_batches(grids, self.max_peers):
+        for members in self.split(grids, keys):
             for size in self.neighbourhoods:
                 patches = [neighbourhood_features(grids[i], size) for i in members]
                 tables = nearest_distances(patches, self.block_patches, on_block, dtype)
