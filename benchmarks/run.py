@@ -76,6 +76,8 @@ def _rows() -> dict[str, list[str]]:
     small = [*lite, "--tile-scale", "2", "--context", "0"]
     rows["lite0-224-tiles2-nocontext"] = small
     rows["lite0-224-tiles2-nocontext-noclosing"] = [*small, "--closing", "1"]
+    # ... with the stride-16 block alone: broader responses that cover a defect's extent.
+    rows["lite0-224-tiles2-block10"] = [*small, "--closing", "1", "--layers", "10"]
     return rows
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -37,6 +38,7 @@ RESULT_GLOB = "results-*.parquet"
 ROWS_PER_FILE = 1000  # the driver writes a results file at least every this many rows ...
 FLUSH_SECONDS = 30.0  # ... or this often, whichever comes first
 MAP_KEYS = ("map", "mask", "overlay")
+MAX_BLOCKS = 10_000  # blocks of paths a predict job is cut into, at most
 PART_IMAGES = 64  # images per fit task: enough to amortise a task's start, small enough to spread
 COLUMNS = ("name", "score", "is_anomalous", "threshold", "error", *MAP_KEYS)
 
@@ -251,10 +253,9 @@ def predict(
     threads = max(1, cpus // actors)
     # In the object store once; the actors hold it by reference, so a restarted actor finds it.
     model_files = ray.put({p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()})
-    dataset = ray.data.from_items(
-        [{"name": name} for name in pending],
-        override_num_blocks=max(1, min(len(pending) // batch_size, 10_000)),
-    )
+    # A block per batch (up to MAX_BLOCKS), so every actor has work from the start.
+    blocks = min(math.ceil(len(pending) / batch_size), MAX_BLOCKS)
+    dataset = ray.data.from_items([{"name": name} for name in pending], override_num_blocks=blocks)
     scored = dataset.map_batches(
         Scorer,
         batch_size=batch_size,
