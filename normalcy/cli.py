@@ -74,7 +74,8 @@ def _backbone_options(
         "(H*S/(N-2c)+1) x (W*S/(N-2c)+1) backbone passes per image for N = --image-size and "
         "c the grid cell (14 px for DINOv2, 8 for efficientnet_lite0), at most 64 (larger "
         "images are tiled at a lower scale); for small defects on boards: --backbone "
-        "efficientnet_lite0 --tile-scale 2 --context 0 --closing 1; default: the whole "
+        "efficientnet_lite0 --tile-scale 2 --context 0 --closing 1 (and --layers 10 for "
+        "tighter outlines); default: the whole "
         "image at --image-size",
     )
     parser.add_argument(
