@@ -179,7 +179,7 @@ def main() -> int:
     print(
         f"long job: {memory['paths']} paths in {memory['seconds']:.0f} s; driver RSS "
         f"{memory['driver_rss_mb_before']:.0f} MB before, {rss[0]:.0f} MB after the first "
-        f"1000 rows, {rss[len(rss) // 2]:.0f} MB halfway, {rss[-1]:.0f} MB at the end "
+        f"{samples[0][0]} rows, {rss[len(rss) // 2]:.0f} MB halfway, {rss[-1]:.0f} MB at the end "
         f"(peak {memory['driver_peak_rss_mb']:.0f} MB); results files "
         f"{memory['results_bytes_per_row']:.0f} bytes per row"
     )

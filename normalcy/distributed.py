@@ -88,7 +88,7 @@ def read_results(out: str | os.PathLike) -> Any:
 
     paths = sorted(Path(out).glob(RESULT_GLOB))
     if not paths:
-        return result_table({name: [] for name in COLUMNS})
+        return result_table([])
     return pa.concat_tables([pq.read_table(path) for path in paths])
 
 
@@ -109,10 +109,10 @@ class Scorer:
 
         if device == "cpu":
             torch.set_num_threads(threads)
-        folder = Path(tempfile.mkdtemp(prefix="normalcy-model-"))
+        self._folder = tempfile.TemporaryDirectory(prefix="normalcy-model-")  # the actor's life
         for name, data in ray.get(model_files[0]).items():
-            (folder / name).write_bytes(data)
-        self.detector = Detector.load(folder, device=device)
+            (Path(self._folder.name) / name).write_bytes(data)
+        self.detector = Detector.load(self._folder.name, device=device)
         self.detector.progress = False
         self.maps = Path(out) / "maps"
         if maps:
@@ -122,26 +122,29 @@ class Scorer:
     def __call__(self, batch: dict[str, Any]) -> Any:
         from normalcy.visualize import write_map_files
 
-        rows: dict[str, list] = {name: [] for name in COLUMNS}
         names = [str(name) for name in batch["name"]]
         threshold = self.detector.threshold_
         vmax = 2 * threshold if threshold else None
+        rows = []
         for name, outcome in zip(names, self.detector.predict_iter(names), strict=True):
-            row: dict[str, Any] = dict.fromkeys(COLUMNS)
-            row["name"] = name
-            if isinstance(outcome, ImageLoadError):
-                row["error"] = outcome.reason
-            else:
-                row.update(outcome.to_json())
-                row["name"] = name
-                if self.write_maps:
-                    scale = vmax or float(outcome.score_map.max()) or 1.0
-                    files = write_map_files(self.maps, map_stem(name), outcome, scale)
-                    for key, file in files.items():
-                        row[key] = f"maps/{file}"
-            for key in COLUMNS:
-                rows[key].append(row[key])
+            row = outcome_row(name, outcome)
+            if self.write_maps and not isinstance(outcome, ImageLoadError):
+                scale = vmax or float(outcome.score_map.max()) or 1.0
+                files = write_map_files(self.maps, map_stem(name), outcome, scale)
+                row.update({key: f"maps/{file}" for key, file in files.items()})
+            rows.append(row)
         return result_table(rows)
+
+
+def outcome_row(name: str, outcome: Any) -> dict[str, Any]:
+    """The result row of a prediction, or of an `ImageLoadError` (its reason)."""
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    if isinstance(outcome, ImageLoadError):
+        row["error"] = outcome.reason
+    else:
+        row.update(outcome.to_json())
+    row["name"] = name
+    return row
 
 
 @dataclass
@@ -166,12 +169,14 @@ class PredictSummary:
         return (self.scored + self.unreadable) / self.seconds if self.seconds else 0.0
 
 
-def result_table(rows: dict[str, list]) -> Any:
+def result_table(rows: list[dict[str, Any]]) -> Any:
     """Result rows as a pyarrow Table of the results files' schema."""
     import pyarrow as pa
 
     types = {"score": pa.float64(), "is_anomalous": pa.bool_(), "threshold": pa.float64()}
-    return pa.table({name: pa.array(rows[name], types.get(name, pa.string())) for name in COLUMNS})
+    return pa.table(
+        {name: pa.array([r[name] for r in rows], types.get(name, pa.string())) for name in COLUMNS}
+    )
 
 
 class ResultWriter:
@@ -425,17 +430,8 @@ def _content_keys(params: dict[str, Any], sources: list[str]) -> list[bytes | st
 
 def _zero_shot_part(params: dict[str, Any], sources: list[str]) -> Any:
     """One sub-batch scored against itself, as result rows."""
-    rows: dict[str, list] = {name: [] for name in COLUMNS}
-    for source, outcome in zip(sources, Detector(**params).zero_shot(sources), strict=True):
-        row: dict[str, Any] = dict.fromkeys(COLUMNS)
-        if isinstance(outcome, ImageLoadError):  # readable when keyed; not any more
-            row["error"] = outcome.reason
-        else:
-            row.update(outcome.to_json())
-        row["name"] = source
-        for key in COLUMNS:
-            rows[key].append(row[key])
-    return result_table(rows)
+    outcomes = Detector(**params).zero_shot(sources)
+    return result_table([outcome_row(s, o) for s, o in zip(sources, outcomes, strict=True)])
 
 
 def zero_shot(
@@ -480,8 +476,7 @@ def zero_shot(
     failed = [i for i, key in enumerate(keys) if isinstance(key, str)]
     writer = ResultWriter(out, ROWS_PER_FILE)
     if failed:
-        rows: dict[str, list] = {name: [None] * len(failed) for name in COLUMNS}
-        rows["name"], rows["error"] = [sources[i] for i in failed], [keys[i] for i in failed]
+        rows = [{**dict.fromkeys(COLUMNS), "name": sources[i], "error": keys[i]} for i in failed]
         writer.add(result_table(rows))
     summary = PredictSummary(unreadable=len(failed))
     groups = sub_batches([keys[i] for i in readable], scorer.max_peers) if readable else []
