@@ -25,7 +25,7 @@ ray = pytest.importorskip(
 @pytest.fixture(scope="module")
 def local_ray():
     """One real local Ray instance for the module (starting one takes seconds)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
