@@ -14,15 +14,15 @@ each detector and of the ensemble; writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import subsampled, write_json
 
 from normalcy import Detector
-from normalcy.data import find_categories, link_subsample, load_mask
+from normalcy.data import load_mask
 from normalcy.metrics import aupro, image_auroc, pixel_auroc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,11 +61,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "ensemble.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        category = find_categories(args.data)[0]
-        root = link_subsample(
-            category, Path(tmp) / category.name, args.train_every, args.test_every
-        )
-        category = find_categories(root)[0]
+        category = subsampled(args.data, Path(tmp), args.train_every, args.test_every)
         cut = len(category.train) - max(2, len(category.train) // 10)
         fit, held = category.train[:cut], category.train[cut:]
         test = [s.path for s in category.test]
@@ -108,9 +104,7 @@ def main() -> int:
             f"| {row['setting']} | {row['image_auroc']:.4f} | {row['pixel_auroc']:.4f} | "
             f"{row['aupro']:.4f} |"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

@@ -12,7 +12,6 @@ averages the two single-block maps. Maps as `--closing 1`. Prints a table and wr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,9 +20,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from common import subsampled, write_json
 
 from normalcy import Detector
-from normalcy.data import find_categories, link_subsample, load_many, load_mask
+from normalcy.data import load_many, load_mask
 from normalcy.methods.coreset import StreamingCoreset
 from normalcy.metrics import aupro, image_auroc, pixel_auroc
 from normalcy.pipeline import MapSettings
@@ -63,11 +63,7 @@ def main() -> int:
     backbone = detector._backbone()
     maps = MapSettings(SIGMA_AT_256, 1, "bicubic", backbone.tile_cells)
     with tempfile.TemporaryDirectory() as tmp:
-        category = find_categories(args.data)[0]
-        root = link_subsample(
-            category, Path(tmp) / category.name, args.train_every, args.test_every
-        )
-        category = find_categories(root)[0]
+        category = subsampled(args.data, Path(tmp), args.train_every, args.test_every)
 
         def grids(paths: list) -> list[tuple[np.ndarray, tuple[int, int]]]:
             loaded = load_many(paths)
@@ -126,9 +122,7 @@ def main() -> int:
         print(
             f"| {r['bank']} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} |"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import subsampled, write_json
 
 from normalcy import Detector, distributed
-from normalcy.data import find_categories, link_subsample, load_mask
+from normalcy.data import load_mask
 from normalcy.metrics import aupro, image_auroc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,11 +50,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "ray-fit.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        category = find_categories(args.data)[0]
-        root = link_subsample(
-            category, Path(tmp) / category.name, args.train_every, args.test_every
-        )
-        category = find_categories(root)[0]
+        category = subsampled(args.data, Path(tmp), args.train_every, args.test_every)
         start = time.perf_counter()
         local = Detector().fit(category.train)
         local_s = time.perf_counter() - start
@@ -80,9 +77,7 @@ def main() -> int:
             },
         }
     print(json.dumps(result, indent=2))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

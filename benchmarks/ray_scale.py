@@ -20,7 +20,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -29,12 +28,11 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from common import write_json
+from speed import cpu_description
 
 from normalcy import Detector, distributed
 from normalcy.data import find_categories
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import cpu_description  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "mtd" / "magnetic_tile"
@@ -183,9 +181,7 @@ def main() -> int:
         f"(peak {memory['driver_peak_rss_mb']:.0f} MB); results files "
         f"{memory['results_bytes_per_row']:.0f} bytes per row"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

@@ -80,6 +80,15 @@ def choose_setting(n_normal: int) -> tuple[str, int | None]:
     return "patchknn", (n_normal if n_normal <= FEW_SHOT_MAX else None)
 
 
+def held_out_split(sources: Sequence[ImageInput]) -> tuple[list, list]:
+    """(bank, held out): every `HOLDOUT_EVERY`-th normal image is held out for the threshold."""
+    held = [i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 for i in range(len(sources))]
+    return (
+        [s for s, out in zip(sources, held, strict=True) if not out],
+        [s for s, out in zip(sources, held, strict=True) if out],
+    )
+
+
 def augmentations(image: np.ndarray) -> list[np.ndarray]:
     """The image, its 90/180/270-degree rotations and their mirror images (8 views).
 
@@ -378,8 +387,7 @@ class Detector:
             normal, dense_peaks = self._left_out_results(readable)
             scheme = "each scored against the bank without its own patches"
         elif len(sources) >= MIN_IMAGES_FOR_HOLDOUT:
-            held = [s for i, s in enumerate(sources) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
-            bank = [s for i, s in enumerate(sources) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+            bank, held = held_out_split(sources)
             bank_images = self._loaded(bank, "fit")
             first = next(bank_images, None)
             if first is None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from normalcy.data import ImageInput, ImageLoadError, expand_inputs
-from normalcy.detector import HOLDOUT_EVERY, MIN_IMAGES_FOR_HOLDOUT, Detector
+from normalcy.detector import MIN_IMAGES_FOR_HOLDOUT, Detector, held_out_split
 
 log = logging.getLogger(__name__)
 
@@ -292,11 +292,6 @@ def predict(
     return summary
 
 
-def _is_held(index: int) -> bool:
-    """Whether the fit's `index`-th image is held out of a Gaussian, as on one machine."""
-    return index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-
-
 def _fit_part(params: dict[str, Any], sources: list[str], first: int) -> dict[str, Any]:
     """A worker's share of a fit: its images' share of a patch-kNN bank (reduced as the
     single-machine fit reduces them, numbered from `first`) or their Gaussian sums, which
@@ -378,8 +373,7 @@ def fit(
         )
     ray = connect(address)
     params = {**detector.get_params(), "progress": False}
-    held = [s for i, s in enumerate(sources) if method == "gaussian" and _is_held(i)]
-    bank = [s for i, s in enumerate(sources) if not (method == "gaussian" and _is_held(i))]
+    bank, held = held_out_split(sources) if method == "gaussian" else (sources, [])
     parts = [
         (params, bank[start : start + part_images], start)
         for start in range(0, len(bank), part_images)

@@ -1,0 +1,24 @@
+"""What the benchmark scripts share: a linked subsample of a data set, and their JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from normalcy.data import MVTecCategory, find_categories, link_subsample
+
+
+def subsampled(data: Path, folder: Path, train_every: int, test_every: int) -> MVTecCategory:
+    """The first category of `data`, as every n-th train and test image linked under `folder`
+    (the category itself when both steps are 1)."""
+    category = find_categories(data)[0]
+    if train_every == 1 and test_every == 1:
+        return category
+    root = link_subsample(category, folder / category.name, train_every, test_every)
+    return find_categories(root)[0]
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
