@@ -542,7 +542,9 @@ class Detector:
         sources = expand_inputs(inputs)
         results: list[Prediction | ImageLoadError | None] = []
         readable: list[tuple[int, str, tuple[int, int]]] = []
-        keys: list[bytes] = []  # the split into sub-batches follows the decoded pixels
+        scorer = self.mutual_scorer()
+        # Sets larger than one sub-batch are split by the decoded pixels' content.
+        keys: list[bytes] | None = [] if len(sources) > scorer.max_peers else None
         bar = tqdm(total=len(sources), desc="features", unit="img", disable=not self.progress)
 
         def decoded() -> Iterator[LoadedImage]:
@@ -554,7 +556,8 @@ class Detector:
                     results.append(item)
                     continue
                 readable.append((len(results), item.name, item.size))
-                keys.append(content_key(item.image))
+                if keys is not None:
+                    keys.append(content_key(item.image))
                 results.append(None)
                 yield item
 
@@ -564,7 +567,6 @@ class Detector:
             for grid in window
         ]
         bar.close()
-        scorer = self.mutual_scorer()
         blocks = scorer.n_blocks(grids, keys)
         bar = tqdm(total=blocks, desc="mutual", unit="block", disable=not self.progress)
         scores = scorer.score_batch(grids, on_block=bar.update, keys=keys)

@@ -245,9 +245,10 @@ class MutualScorer:
     ) -> list[list[int]]:
         """The sub-batches the batch is scored in (`sub_batches`), by the images' content keys
         (default: their grids')."""
-        return sub_batches(
-            [content_key(g) for g in grids] if keys is None else keys, self.max_peers
-        )
+        if len(grids) <= self.max_peers:  # one sub-batch: no keys to compute
+            return [list(range(len(grids)))]
+        keys = [content_key(g) for g in grids] if keys is None else keys
+        return sub_batches(keys, self.max_peers)
 
     def score_batch(
         self,
