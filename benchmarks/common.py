@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: a linked subsample of a data set, and their JSON."""
+"""What the benchmark scripts share: a linked subsample of a data set, the exported-model
+engines they time, and their JSON."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import json
 from pathlib import Path
 
 from normalcy.data import MVTecCategory, find_categories, link_subsample
+
+# engine name in tables and JSON -> (engine, precision) of `normalcy.runtime.load`
+ENGINE_SETTINGS = {
+    "onnxruntime": ("onnxruntime", "float32"),
+    "openvino": ("openvino", "float32"),
+    "openvino-bfloat16": ("openvino", "bfloat16"),
+}
 
 
 def subsampled(data: Path, folder: Path, train_every: int, test_every: int) -> MVTecCategory:

@@ -3,9 +3,9 @@
 For each data set: fits the default model (DINOv2 ViT-S/14 at 224 px, patch kNN) on every
 `--train-every`-th normal image, exports it at the commonest network input size of the test
 images, and scores every test image of that size with the library (float32, and the default
-precision) and with `normalcy.runtime` on each engine. Prints, per engine, the largest relative
-score difference, the largest map difference as a share of the map's range, and the share of
-identical decisions; writes JSON.
+precision) and with `normalcy.runtime` on each engine (OpenVINO also in bfloat16). Prints, per
+engine, the largest relative score difference, the largest map difference as a share of the
+map's range, and the share of identical decisions; writes JSON.
 
     python benchmarks/parity.py
 """
@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import ENGINE_SETTINGS
 from PIL import Image
 
 from normalcy import Detector, runtime
@@ -59,9 +60,9 @@ def measure(dataset: str, train_every: int, scratch: Path) -> dict:
     folder = export_model(model, scratch / "exported", size=size)
     library = Detector.load(model, precision="float32").predict(paths)
     result = {"dataset": dataset, "network_size": list(size), "engines": {}}
-    for engine in runtime.ENGINES:
+    for engine, (name, precision) in ENGINE_SETTINGS.items():
         try:
-            exported = runtime.load(folder, engine)
+            exported = runtime.load(folder, name, precision)
         except ImportError as missing:
             print(f"{engine}: skipped ({missing})", file=sys.stderr)
             continue

@@ -18,15 +18,15 @@ it times in one process per row:
 
 with their ratios to the backbone and the row's peak RSS. Each model is fitted on 40 normal
 images of its data set. With `--engines`, each model is also exported (`normalcy export`) and
-the same files are scored through `normalcy.runtime` on each engine (onnxruntime, OpenVINO;
-scores and decisions, float32), ms per image; `--install-size` measures what
+the same files are scored through `normalcy.runtime` on each engine (onnxruntime, OpenVINO in
+float32 and in bfloat16; scores and decisions), ms per image; `--install-size` measures what
 `pip install 'normalcy[runtime]'` adds to a fresh virtual environment. Prints a markdown
 table and writes JSON.
 
     python benchmarks/speed.py                     # CPU, all rows (about 10 minutes)
     python benchmarks/speed.py --precision float32 --json bench-results/speed-float32.json
     python benchmarks/speed.py --device cuda --batch-size 64
-    python benchmarks/speed.py --engines onnxruntime openvino --install-size \
+    python benchmarks/speed.py --engines onnxruntime openvino openvino-bfloat16 --install-size \
         --json bench-results/speed-export.json      # exported models against the torch path
 """
 
@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import ENGINE_SETTINGS
 from PIL import Image
 
 from normalcy import Detector, runtime
@@ -176,7 +177,7 @@ def time_row(
         synchronise()
         return len(decisions) / (time.perf_counter() - start)
 
-    loaded = {engine: runtime.load(exported, engine) for engine in engines}
+    loaded = {engine: runtime.load(exported, *ENGINE_SETTINGS[engine]) for engine in engines}
     for model_on_engine in loaded.values():
         list(model_on_engine.predict_iter(warm))
 
@@ -238,7 +239,7 @@ def main() -> int:
         "--engines",
         nargs="*",
         default=[],
-        choices=runtime.ENGINES,
+        choices=list(ENGINE_SETTINGS),
         help="also time each model exported, on these engines",
     )
     parser.add_argument(

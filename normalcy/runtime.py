@@ -80,33 +80,27 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 ENGINES = ("onnxruntime", "openvino")
+# onnxruntime's CPU kernels have no bfloat16 arithmetic.
+PRECISIONS = {"onnxruntime": ("float32",), "openvino": ("float32", "bfloat16")}
 
 
 def resize_pixels(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) pixels -> (h, w, 3) float32 at `size`, by the antialiased bilinear filter of
-    the library's resize (torch's `interpolate(..., antialias=True)`, Pillow's BILINEAR), within
-    0.01 of 255. For engines whose resize lacks antialiasing (OpenVINO): the image then
-    reaches the graph at its network size, where the graph's resize is the identity."""
-    height, width, channels = image.shape
-    rows = _filter_taps(height, size[0]) @ image.reshape(height, -1).astype(np.float32)
-    across = rows.reshape(size[0], width, channels).transpose(1, 0, 2).reshape(width, -1)
-    columns = (_filter_taps(width, size[1]) @ across).reshape(size[1], size[0], channels)
-    return np.ascontiguousarray(columns.transpose(1, 0, 2))
+    the library's resize (torch's `interpolate(..., antialias=True)`), within 0.01 of 255:
+    Pillow's BILINEAR on each channel as 32-bit floats. For engines whose resize lacks
+    antialiasing (OpenVINO): the image then reaches the graph at its network size, where the
+    graph's resize is the identity. One thread and no BLAS, so it takes no core from the
+    engine's own threads."""
+    from PIL import Image
 
-
-def _filter_taps(source: int, target: int) -> np.ndarray:
-    """(target, source) weights of a triangle filter as wide as one source sample per target
-    sample when reducing (one target sample when enlarging), normalised per row."""
-    scale = source / target
-    support, stretch = (scale, 1 / scale) if scale >= 1 else (1.0, 1.0)
-    taps = np.zeros((target, source))
-    for row in range(target):
-        centre = scale * (row + 0.5)
-        low = max(int(centre - support + 0.5), 0)
-        high = min(int(centre + support + 0.5), source)
-        weights = np.clip(1 - np.abs((np.arange(low, high) - centre + 0.5) * stretch), 0, None)
-        taps[row, low:high] = weights / weights.sum()
-    return taps.astype(np.float32)
+    channels = [
+        Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32), mode="F")
+        for c in range(image.shape[2])
+    ]
+    target = (size[1], size[0])
+    return np.stack(
+        [np.asarray(c.resize(target, Image.Resampling.BILINEAR)) for c in channels], axis=-1
+    )
 
 
 class ExportedModel:
@@ -114,9 +108,14 @@ class ExportedModel:
 
     engine: "onnxruntime" or "openvino" (None: onnxruntime for an ONNX graph, openvino for
     OpenVINO's format).
+    precision: "float32" (scores as the library's in float32) or, on OpenVINO, "bfloat16":
+    faster on CPUs with bfloat16 instructions, scores within about 1% of float32's (see
+    docs/export.md for the measured deviation).
     """
 
-    def __init__(self, folder: str | os.PathLike, engine: str | None = None) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, engine: str | None = None, precision: str = "float32"
+    ) -> None:
         self.folder = Path(folder)
         self.manifest_ = read_manifest(folder)
         graph = self.folder / Path(self.manifest_["graph"]).name
@@ -137,10 +136,18 @@ class ExportedModel:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.engine == "onnxruntime" and graph.suffix != ".onnx":
             raise ValueError(f"{graph} is not an ONNX graph: run it with engine='openvino'")
+        if precision not in PRECISIONS[self.engine]:
+            raise ValueError(
+                f"precision {precision!r} is not available on {self.engine}; choose one of "
+                f"{PRECISIONS[self.engine]}"
+            )
+        self.precision = precision
         self.network_size = tuple(self.manifest_["input"]["network_size"])
-        start = _onnxruntime if self.engine == "onnxruntime" else _openvino
         try:
-            self._run = start(graph, self.network_size)
+            if self.engine == "onnxruntime":
+                self._run = _onnxruntime(graph)
+            else:
+                self._run = _openvino(graph, self.network_size, precision)
         except ImportError:
             raise
         except Exception as error:  # each engine raises its own exception types
@@ -193,6 +200,7 @@ class ExportedModel:
             "image_size": min(self.network_size),
             "version": self.manifest_.get("normalcy_version"),
             "runtime": self.engine,
+            "precision": self.precision,
         }
 
     def predict(self, x: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction]:
@@ -201,15 +209,17 @@ class ExportedModel:
         return gathered(self.predict_iter(x), x)
 
 
-def load(folder: str | os.PathLike, engine: str | None = None) -> ExportedModel:
-    """The exported model in `folder` (written by `normalcy export`), checked, on `engine`
-    (see `ExportedModel`): a missing, corrupted or mismatched file raises `ExportFileError`
-    naming it."""
-    return ExportedModel(folder, engine)
+def load(
+    folder: str | os.PathLike, engine: str | None = None, precision: str = "float32"
+) -> ExportedModel:
+    """The exported model in `folder` (written by `normalcy export`), checked, on `engine` in
+    `precision` (see `ExportedModel`): a missing, corrupted or mismatched file raises
+    `ExportFileError` naming it."""
+    return ExportedModel(folder, engine, precision)
 
 
-def _onnxruntime(graph: Path, network_size: tuple[int, int]) -> Callable[[np.ndarray], list]:
-    """A session on the graph (it resizes images of any size itself: `network_size` unused)."""
+def _onnxruntime(graph: Path) -> Callable[[np.ndarray], list]:
+    """A session on the graph (it resizes images of any size itself)."""
     try:
         import onnxruntime
     except ImportError:
@@ -225,7 +235,9 @@ def _onnxruntime(graph: Path, network_size: tuple[int, int]) -> Callable[[np.nda
     return lambda pixels: session.run(None, {name: pixels})
 
 
-def _openvino(graph: Path, network_size: tuple[int, int]) -> Callable[[np.ndarray], list]:
+def _openvino(
+    graph: Path, network_size: tuple[int, int], precision: str
+) -> Callable[[np.ndarray], list]:
     try:
         import openvino
     except ImportError:
@@ -233,10 +245,13 @@ def _openvino(graph: Path, network_size: tuple[int, int]) -> Callable[[np.ndarra
     core = openvino.Core()
     model = core.read_model(graph)
     # Fixed at the network size it is always given (a dynamic shape runs several times
-    # slower); float32 throughout (OpenVINO's default on CPUs with bfloat16 instructions is
-    # bfloat16).
+    # slower); the precision always named, since OpenVINO's default on CPUs with bfloat16
+    # instructions is bfloat16. One image at a time: tuned for latency.
     model.reshape([*network_size, 3])
-    model = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    hint = {"float32": "f32", "bfloat16": "bf16"}[precision]
+    model = core.compile_model(
+        model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    )
     request = model.create_infer_request()
 
     def run(pixels: np.ndarray) -> list[np.ndarray]:

@@ -72,6 +72,25 @@ def test_openvinos_own_format_scores_as_the_library_does(model: Path, dataset, t
     assert_same_predictions(exported, library, _images(dataset / "test"))
 
 
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+def test_openvino_in_bfloat16_scores_close_to_float32(model: Path, dataset, tmp_path) -> None:
+    folder = export_model(model, tmp_path / "exported")
+    exported = runtime.load(folder, "openvino", precision="bfloat16")
+    assert exported.describe()["precision"] == "bfloat16"
+    images = _images(dataset / "test")
+    library = Detector.load(model, precision="float32").predict(images)
+    ours = exported.predict(images)
+    scores = np.array([p.score for p in ours])
+    np.testing.assert_allclose(scores, [p.score for p in library], rtol=0.03)
+    assert np.corrcoef(scores, [p.score for p in library])[0, 1] > 0.99
+
+
+def test_a_precision_an_engine_lacks_is_refused(model: Path, tmp_path: Path) -> None:
+    folder = export_model(model, tmp_path / "exported")
+    with pytest.raises(ValueError, match="not available on onnxruntime"):
+        runtime.load(folder, "onnxruntime", precision="bfloat16")
+
+
 def test_the_runtimes_resize_is_the_librarys(dataset: Path) -> None:
     import torch
 
