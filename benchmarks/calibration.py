@@ -18,7 +18,9 @@ import numpy as np
 
 from normalcy import Detector
 from normalcy.calibration import achieved_rates, conformal_threshold
-from normalcy.data import ImageLoadError, find_categories, load_many
+from normalcy.data import ImageLoadError
+from normalcy.datasets import find_categories
+from normalcy.inputs import load_many
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from normalcy.data import MVTecCategory, find_categories, link_subsample
+from normalcy.datasets import MVTecCategory, find_categories, link_subsample
 
 # engine name in tables and JSON -> (engine, precision) of `normalcy.runtime.load`
 ENGINE_SETTINGS = {

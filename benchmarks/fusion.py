@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from normalcy import Detector
-from normalcy.data import find_categories, load_mask
+from normalcy.datasets import find_categories, load_mask
 from normalcy.metrics import aupro, image_auroc, pixel_auroc
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "magnetic_tile"

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from normalcy.data import load_image, load_mask
+from normalcy.data import load_image
+from normalcy.datasets import load_mask
 from normalcy.detector import GOLDEN, Detector
 from normalcy.evaluate import peak_rss_mb
 from normalcy.metrics import aupro, image_auroc, pixel_auroc

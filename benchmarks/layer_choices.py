@@ -23,7 +23,8 @@ import torch
 from common import subsampled, write_json
 
 from normalcy import Detector
-from normalcy.data import load_many, load_mask
+from normalcy.datasets import load_mask
+from normalcy.inputs import load_many
 from normalcy.methods.coreset import StreamingCoreset
 from normalcy.metrics import aupro, image_auroc, pixel_auroc
 from normalcy.pipeline import MapSettings
@@ -60,7 +61,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "layers.json")
     args = parser.parse_args()
     detector = Detector(backbone="efficientnet_lite0", tile_scale=2, context=0, closing=1)
-    backbone = detector._backbone()
+    backbone = detector.backbone_model()
     maps = MapSettings(SIGMA_AT_256, 1, "bicubic", backbone.tile_cells)
     with tempfile.TemporaryDirectory() as tmp:
         category = subsampled(args.data, Path(tmp), args.train_every, args.test_every)

@@ -38,7 +38,8 @@ import numpy as np
 from PIL import Image
 
 from normalcy import Detector
-from normalcy.data import find_categories, load_image
+from normalcy.data import load_image
+from normalcy.datasets import find_categories
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "magnetic_tile"
 SIDE = 448

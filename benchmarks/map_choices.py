@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from normalcy import Detector
-from normalcy.data import find_categories, link_subsample, load_many, load_mask
+from normalcy.datasets import find_categories, link_subsample, load_mask
+from normalcy.inputs import load_many
 from normalcy.metrics import aupro, image_auroc, pixel_auroc
 from normalcy.pipeline import MapSettings
 from normalcy.postprocess import UPSAMPLING, anomaly_map, image_score, ranking_score

@@ -18,7 +18,8 @@ import numpy as np
 import onnxruntime
 
 from normalcy import Detector
-from normalcy.data import find_categories, load_image
+from normalcy.data import load_image
+from normalcy.datasets import find_categories
 from normalcy.export import export_model
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"

@@ -23,7 +23,7 @@ from common import ENGINE_SETTINGS
 from PIL import Image
 
 from normalcy import Detector, runtime
-from normalcy.data import find_categories
+from normalcy.datasets import find_categories
 from normalcy.export import export_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import numpy as np
 from common import subsampled, write_json
 
 from normalcy import Detector, distributed
-from normalcy.data import load_mask
+from normalcy.datasets import load_mask
 from normalcy.metrics import aupro, image_auroc
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,7 +32,7 @@ from common import write_json
 from speed import cpu_description
 
 from normalcy import Detector, distributed
-from normalcy.data import find_categories
+from normalcy.datasets import find_categories
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "mtd" / "magnetic_tile"

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from normalcy.data import find_categories, link_subsample
+from normalcy.datasets import find_categories, link_subsample
 from normalcy.evaluate import METRIC_KEYS
 
 QUALITY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")

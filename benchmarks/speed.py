@@ -48,8 +48,10 @@ from PIL import Image
 
 from normalcy import Detector, runtime
 from normalcy.backbones import PRECISIONS
-from normalcy.data import LoadedImage, find_categories, load_image, load_image_with_size
+from normalcy.data import load_image, load_image_with_size
+from normalcy.datasets import find_categories
 from normalcy.export import export_model
+from normalcy.inputs import LoadedImage
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"

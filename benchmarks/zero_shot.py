@@ -18,7 +18,8 @@ import numpy as np
 
 from normalcy import Detector
 from normalcy.backbones import PRECISIONS, create_backbone
-from normalcy.data import find_categories, load_image
+from normalcy.data import load_image
+from normalcy.datasets import find_categories
 from normalcy.evaluate import peak_rss_mb
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "magnetic_tile"

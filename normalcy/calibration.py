@@ -13,10 +13,14 @@ images; methods that cannot (the Gaussian, which also standardises on them) hold
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+log = logging.getLogger("normalcy")
 
 # Normal images scored for calibration when every one can be: beyond this, an evenly spaced
 # subset (500 scores resolve a 1% rate to 5 images above the threshold), so a large set
@@ -69,3 +73,62 @@ def achieved_rates(
     fpr = float(flagged[~labels].mean()) if (~labels).any() else None
     recall = float(flagged[labels].mean()) if labels.any() else None
     return fpr, recall
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A fit's decision and mask levels, and the normal scores they were read from."""
+
+    threshold: float | None
+    source: str
+    pixel_threshold: float | None
+    dense_pixel_threshold: float | None
+    normal_scores: np.ndarray
+    calibration: Calibration
+
+
+def thresholds_from(
+    normal: Sequence[tuple[float, float]],
+    dense_peaks: Sequence[float],
+    scheme: str,
+    fpr: float,
+    fixed: float | None = None,
+) -> Thresholds:
+    """Thresholds at `fpr` from normal images no model saw: (image score, map peak) of each,
+    obtained by `scheme`, and their dense-map peaks; `fixed`: the user's image threshold.
+    Masks take the pixel level that the same share of those images never reach."""
+    scores = np.array([score for score, _ in normal])
+    peaks = np.array([peak for _, peak in normal])
+    calibration = Calibration.of(len(scores), scheme)
+    if fixed is None and len(scores) and fpr < calibration.min_fpr:
+        log.warning(
+            "%d normal images can promise a false-positive rate of %.3g at best, not the "
+            "%.3g asked for; the threshold is the highest of their scores. Give at least "
+            "%d normal images for that rate.",
+            len(scores),
+            calibration.min_fpr,
+            fpr,
+            math.ceil(1 / fpr) if fpr > 0 else 0,
+        )
+    if fixed is not None:
+        threshold, source = float(fixed), "user"
+    elif len(scores):
+        threshold = conformal_threshold(scores, fpr)
+        source = f"fpr {fpr} on {len(scores)} normal images, {scheme}"
+    else:
+        threshold, source = None, "none"
+        log.warning(
+            "no held-out normal image could be scored (one image leaves none to hold out): "
+            "no decision threshold is set; pass threshold= (CLI --threshold) or give more "
+            "normal images"
+        )
+    return Thresholds(
+        threshold=threshold,
+        source=source,
+        pixel_threshold=conformal_threshold(peaks, fpr) if len(peaks) else None,
+        dense_pixel_threshold=(
+            conformal_threshold(np.array(dense_peaks), fpr) if len(dense_peaks) else None
+        ),
+        normal_scores=scores,
+        calibration=calibration,
+    )

@@ -1,9 +1,10 @@
-"""Finding, decoding and validating images, and reading the MVTec AD folder layout.
+"""Decoding and validating images.
 
 Every image that enters normalcy goes through :func:`load_image`, which returns one canonical
 form (uint8 RGB, shape (H, W, 3), C-contiguous) whatever the file format, bit depth or array
 dtype. Problems are reported as :class:`ImageLoadError`, whose message names the image and the
-problem, so a batch job can report a bad file and carry on with the rest.
+problem, so a batch job can report a bad file and carry on with the rest. Which images a call
+names, and decoding them ahead of the network: `inputs`; data sets on disk: `datasets`.
 """
 
 from __future__ import annotations
@@ -12,31 +13,34 @@ import io
 import os
 import stat
 import warnings
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeAlias
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-"""File extensions treated as images when listing folders (compared in lower case)."""
-
 MAX_PIXELS = 80_000_000
 """Default limit on width * height, a guard against decompression bombs and runaway memory."""
+
 
 ImageInput: TypeAlias = str | os.PathLike | np.ndarray | Image.Image
 """Anything :func:`load_image` accepts: a file path, a numpy array or a PIL image."""
 
+
 # Pillow decoders tried on files; the formats behind IMAGE_EXTENSIONS. Restricting the list keeps
 # exotic plugins (some of which run external programs) away from untrusted files.
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+
+
 _ARRAY_NAME = "<array>"
+
+
 _PIL_NAME = "<PIL image>"
+
+
 _UINT16_TO_UINT8 = 257  # 65535 / 255: maps the full 16-bit range onto the full 8-bit range
+
+
 BAND_PIXELS = 4_000_000  # pixels converted at a time when an array becomes RGB
 
 
@@ -54,13 +58,6 @@ class ImageLoadError(ValueError):
 
 class ImageTooLargeError(ImageLoadError):
     """An image has more pixels than allowed (a decompression bomb, or simply too big)."""
-
-
-def source_name(source: ImageInput, index: int) -> str:
-    """Name an input for reports: the path for files, ``<image INDEX>`` for in-memory images."""
-    if isinstance(source, (str, os.PathLike)):
-        return os.fsdecode(source)
-    return f"<image {index}>"
 
 
 def reduction_factor(height: int, width: int, min_side: int | None) -> int:
@@ -110,89 +107,14 @@ def load_image_with_size(
         name = _ARRAY_NAME
     else:
         name = _PIL_NAME
-    return _load(source, name, max_pixels, min_side)
+    return load_named(source, name, max_pixels, min_side)
 
 
-@dataclass(frozen=True, eq=False)
-class LoadedImage:
-    """One successfully loaded image, the name to report it under and its original size.
-
-    ``size`` is the (height, width) of the image before any reduction (see ``min_side`` in
-    :func:`load_image`), the size at which full-resolution maps are drawn; it defaults to the
-    size of ``image``.
-    """
-
-    name: str
-    image: np.ndarray
-    size: tuple[int, int] = None  # type: ignore[assignment]  # set by __post_init__
-
-    def __post_init__(self) -> None:
-        if self.size is None:
-            height, width = self.image.shape[:2]
-            object.__setattr__(self, "size", (height, width))
-
-
-def load_many(
-    sources: Sequence[ImageInput], max_pixels: int = MAX_PIXELS, min_side: int | None = None
-) -> Iterator[LoadedImage | ImageLoadError]:
-    """Load images one at a time, in order, yielding either the image or its error.
-
-    A bad image is yielded as its :class:`ImageLoadError` (never raised, never dropped) so the
-    caller can report it and go on with the rest. ``min_side`` reduces large images as in
-    :func:`load_image`; each :class:`LoadedImage` keeps its original size.
-    """
-    for index, source in enumerate(sources):
-        yield load_one(source, index, max_pixels, min_side)
-
-
-def load_one(
-    source: ImageInput, index: int, max_pixels: int = MAX_PIXELS, min_side: int | None = None
-) -> LoadedImage | ImageLoadError:
-    """The `index`-th input of a batch, loaded as in :func:`load_many`: the image or its error."""
-    name = source_name(source, index)
-    try:
-        image, size = _load(source, name, max_pixels, min_side)
-        return LoadedImage(name=name, image=image, size=size)
-    except ImageLoadError as err:
-        return err
-
-
-PREFETCH = 4  # decoded images kept ready ahead of the consumer, per decoding thread
-
-
-def decode_threads() -> int:
-    """Threads that decode ahead of the network: a quarter of the cores, at least one (the
-    network keeps the others); enough to keep a GPU fed from a many-core host."""
-    return max(1, (os.cpu_count() or 1) // 4)
-
-
-def decoded_ahead(
-    sources: Sequence[ImageInput], min_side: int | None, threads: int | None = None
-) -> Iterator[LoadedImage | ImageLoadError]:
-    """`load_many(sources, min_side=...)`, in order, decoded by `threads` threads (default
-    `decode_threads()`) up to `PREFETCH` images each ahead of the consumer, so decoding
-    overlaps the forward pass (decoders and the network's engine release the GIL); an image
-    that cannot be read comes as its error, in its place. Abandoning the stream cancels the
-    rest."""
-    threads = threads or decode_threads()
-    with ThreadPoolExecutor(threads, thread_name_prefix="normalcy-decode") as pool:
-        pending: deque[Future] = deque()
-        try:
-            for index, source in enumerate(sources):
-                pending.append(pool.submit(load_one, source, index, MAX_PIXELS, min_side))
-                if len(pending) >= threads * PREFETCH:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
-
-
-def _load(
+def load_named(
     source: ImageInput, name: str, max_pixels: int, min_side: int | None
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """The one loading path: the RGB image (reduced for ``min_side``) and its original size."""
+    """The one loading path, for `source` reported as `name`: the RGB image (reduced for
+    ``min_side``) and its original size."""
     _check_min_side(min_side)
     if isinstance(source, (str, os.PathLike)):
         return _load_file(Path(os.fsdecode(source)), name, max_pixels, min_side)
@@ -437,221 +359,3 @@ def _pil_limit_error(name: str, exc: Image.DecompressionBombError) -> ImageLoadE
 
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _is_image_file_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """List the image files in a folder by extension, sorted by path.
-
-    Hidden files and hidden folders (names starting with ".") are skipped.
-    """
-    root = Path(folder)
-    if not root.exists():
-        raise FileNotFoundError(f"image folder does not exist: {root}")
-    if not root.is_dir():
-        raise NotADirectoryError(f"not a folder: {root}")
-    if not recursive:
-        return sorted(p for p in root.iterdir() if p.is_file() and _is_image_file_name(p.name))
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath, f) for f in filenames if _is_image_file_name(f))
-    return sorted(found)
-
-
-def is_single_input(inputs: ImageInput | Sequence[ImageInput]) -> bool:
-    """Whether `inputs` is one image (not a list, a 4-D array or a folder): `predict` then
-    returns one prediction instead of a list."""
-    return (
-        not isinstance(inputs, (list, tuple))
-        and not (isinstance(inputs, np.ndarray) and inputs.ndim == 4)
-        and not (isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir())
-    )
-
-
-def expand_inputs(inputs: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
-    """Flatten user inputs into a list of single images.
-
-    Accepts one input or a sequence of them. Folders expand to the images they hold, a 4-D
-    array (N, H, W, C) to its N images; files, other arrays and PIL images pass through, and so
-    does a path that does not exist, so that loading it reports the problem.
-    """
-    if isinstance(inputs, (str, os.PathLike, np.ndarray, Image.Image)):
-        items: Sequence[ImageInput] = [inputs]
-    elif isinstance(inputs, Sequence):
-        items = inputs
-    else:
-        raise TypeError(
-            f"unsupported input type {type(inputs).__name__}; expected a path, an array, "
-            "a PIL image or a sequence of them"
-        )
-    expanded: list[ImageInput] = []
-    for item in items:
-        if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):
-            images = list_images(item)
-            if not images:
-                extensions = " ".join(sorted(IMAGE_EXTENSIONS))
-                raise ValueError(
-                    f"{os.fsdecode(item)}: folder holds no images (looked for {extensions})"
-                )
-            expanded.extend(images)
-        elif isinstance(item, np.ndarray) and item.ndim == 4:
-            expanded.extend(item)
-        else:
-            expanded.append(item)
-    return expanded
-
-
-@dataclass(frozen=True)
-class TestSample:
-    """One MVTec test image with its label and, for defects, its ground-truth mask file."""
-
-    __test__ = False  # not a pytest test class, despite the name
-
-    path: Path
-    label: int  # 0 good, 1 defect
-    defect: str  # "good" or the defect folder name
-    mask_path: Path | None
-
-
-@dataclass(frozen=True)
-class MVTecCategory:
-    """One MVTec AD category: its training images (all good) and labelled test images."""
-
-    name: str
-    root: Path
-    train: list[Path]
-    test: list[TestSample]
-    has_masks: bool  # True when the category has a ground_truth folder
-
-
-_LAYOUT = (
-    "expected <root>/<category>/train/good/ (or <root>/train/good/ when the root is a single "
-    "category), with test/good/, test/<defect>/ and optionally ground_truth/<defect>/"
-)
-
-
-def find_categories(
-    root: str | os.PathLike, names: Sequence[str] | None = None
-) -> list[MVTecCategory]:
-    """Find the MVTec AD categories under ``root`` (or ``root`` itself), sorted by name.
-
-    A category is a folder with train/good. ``names`` restricts the result to those categories.
-    Raises FileNotFoundError or ValueError with the offending path when the layout is broken.
-    """
-    base = Path(root)
-    if not base.is_dir():
-        raise FileNotFoundError(f"dataset root does not exist or is not a folder: {base}")
-    if (base / "train" / "good").is_dir():
-        folders = [base]
-    else:
-        folders = sorted(
-            d
-            for d in base.iterdir()
-            if d.is_dir() and not d.name.startswith(".") and (d / "train" / "good").is_dir()
-        )
-    if not folders:
-        raise ValueError(f"no MVTec AD category found in {base}: {_LAYOUT}")
-
-    if names is not None:
-        if isinstance(names, str):
-            names = [names]
-        available = [d.name for d in folders]
-        missing = [n for n in names if n not in available]
-        if missing:
-            raise ValueError(
-                f"categor{'y' if len(missing) == 1 else 'ies'} not found in {base}: "
-                f"{', '.join(missing)}; available: {', '.join(available)}"
-            )
-        folders = [d for d in folders if d.name in names]
-    return [_read_category(d) for d in folders]
-
-
-def _read_category(folder: Path) -> MVTecCategory:
-    train_dir = folder / "train" / "good"
-    train = list_images(train_dir, recursive=False)
-    if not train:
-        raise ValueError(f"{train_dir}: no training images")
-
-    test_dir = folder / "test"
-    if not test_dir.is_dir():
-        raise ValueError(f"{folder}: missing test folder {test_dir}")
-    gt_dir = folder / "ground_truth"
-    has_masks = gt_dir.is_dir()
-    defect_dirs = sorted(
-        (d for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
-        key=lambda d: (d.name != "good", d.name),
-    )
-    test: list[TestSample] = []
-    missing_masks: list[Path] = []
-    for defect_dir in defect_dirs:
-        defect = defect_dir.name
-        for path in list_images(defect_dir, recursive=False):
-            mask_path = None
-            if has_masks and defect != "good":
-                mask_path = gt_dir / defect / f"{path.stem}_mask.png"
-                if not mask_path.is_file():
-                    missing_masks.append(mask_path)
-            test.append(TestSample(path, int(defect != "good"), defect, mask_path))
-    if not test:
-        raise ValueError(f"{test_dir}: no test images")
-    if missing_masks:
-        raise ValueError(
-            f"{folder}: {len(missing_masks)} defect image(s) have no ground-truth mask; "
-            f"first expected mask: {missing_masks[0]}"
-        )
-    return MVTecCategory(folder.name, folder, train, test, has_masks)
-
-
-def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """Read a ground-truth mask as a bool array (pixel > 127), checking it is ``shape`` (H, W).
-
-    Multi-channel masks use their first channel.
-    """
-    mask = load_image(path)[..., 0] > 127
-    if mask.shape != tuple(shape):
-        raise ValueError(
-            f"{path}: mask size (H, W) = {mask.shape} does not match the image size {tuple(shape)}"
-        )
-    return mask
-
-
-def few_shot_references(paths: Sequence[Path], shots: int, seed: int = 0) -> list[Path]:
-    """Pick the ``shots`` reference images for a few-shot run, reproducibly.
-
-    The protocol: sort the paths; seed ``s`` takes the s-th consecutive slice of ``shots``
-    images, so different seeds use disjoint references.
-    """
-    if shots < 1:
-        raise ValueError(f"shots must be at least 1, got {shots}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
-    needed = (seed + 1) * shots
-    if needed > len(paths):
-        raise ValueError(
-            f"not enough images for {shots}-shot seed {seed}: {needed} are needed, "
-            f"only {len(paths)} exist"
-        )
-    return sorted(paths)[seed * shots : needed]
-
-
-def link_subsample(
-    category: MVTecCategory, target: Path, train_every: int, test_every: int
-) -> Path:
-    """An MVTec-layout copy of every n-th train and test image, as symbolic links (no data
-    copied), for quicker runs of benchmarks and tests. Returns `target`."""
-
-    def link(source: Path, destination: Path) -> None:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(source.resolve(), destination)
-
-    for path in category.train[::train_every]:
-        link(path, target / "train" / "good" / path.name)
-    for sample in category.test[::test_every]:
-        link(sample.path, target / "test" / sample.defect / sample.path.name)
-        if sample.mask_path is not None:
-            link(sample.mask_path, target / "ground_truth" / sample.defect / sample.mask_path.name)
-    return target

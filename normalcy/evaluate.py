@@ -14,17 +14,16 @@ from typing import Any
 import numpy as np
 
 from normalcy.calibration import achieved_rates
-from normalcy.data import (
-    ImageLoadError,
+from normalcy.data import ImageLoadError, load_image
+from normalcy.datasets import (
     MVTecCategory,
     TestSample,
     few_shot_references,
     find_categories,
-    load_image,
-    load_many,
     load_mask,
 )
 from normalcy.detector import MUTUAL, Detector, Prediction
+from normalcy.inputs import load_many
 from normalcy.metrics import aupro, f1_max, image_auroc, pixel_auroc
 
 METRIC_KEYS = (

@@ -17,7 +17,8 @@ from functools import partial
 import torch
 
 from normalcy.backbones import Backbone
-from normalcy.data import ImageInput, ImageLoadError, LoadedImage, decoded_ahead
+from normalcy.data import ImageInput, ImageLoadError
+from normalcy.inputs import LoadedImage, decoded_ahead
 from normalcy.methods.base import GridScores, Method
 from normalcy.postprocess import (
     SIGMA_AT_256,

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from normalcy.data import ImageInput, ImageLoadError, is_single_input
+from normalcy.data import ImageInput, ImageLoadError
+from normalcy.inputs import is_single_input
 
 
 def _bilinear_taps(source: int, target: int, start: int, stop: int) -> tuple[np.ndarray, ...]:

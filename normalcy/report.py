@@ -19,6 +19,7 @@ import numpy as np
 
 from normalcy.calibration import achieved_rates
 from normalcy.metrics import image_auroc, roc_curve
+from normalcy.prediction import Prediction, resize_map
 from normalcy.visualize import encode_jpeg, heatmap, overlay, thumbnail, write_atomic
 
 THUMBNAIL_SIDE = 256
@@ -56,6 +57,26 @@ class ReportImage:
     def misclassified(self) -> bool:
         """True when the ground truth is known and disagrees with the decision."""
         return self.label is not None and bool(self.label) != bool(self.is_anomalous)
+
+
+def report_image(
+    prediction: Prediction, image: np.ndarray, label: int | None = None, group: str = ""
+) -> ReportImage:
+    """A report entry at thumbnail size, so a report over hundreds of images stays small; its
+    map is drawn at that size from the prediction's fixed-scale map, never at full size."""
+    small = thumbnail(image, THUMBNAIL_SIDE)
+    small_map = resize_map(prediction.score_map, small.shape[:2])
+    threshold = prediction.pixel_threshold
+    return ReportImage(
+        name=prediction.name,
+        image=small,
+        anomaly_map=small_map,
+        score=prediction.score,
+        is_anomalous=bool(prediction.is_anomalous),
+        label=label,
+        mask=None if threshold is None else small_map > threshold,
+        group=group,
+    )
 
 
 def _format_score(value: float) -> str:

@@ -25,13 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from normalcy.data import (
-    ImageInput,
-    ImageLoadError,
-    LoadedImage,
-    decoded_ahead,
-    expand_inputs,
-)
+from normalcy.data import ImageInput, ImageLoadError
+from normalcy.inputs import LoadedImage, decoded_ahead, expand_inputs
 from normalcy.prediction import Prediction, gathered
 
 EXPORT_FORMAT = "normalcy-export"

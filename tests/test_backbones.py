@@ -17,16 +17,13 @@ from normalcy.backbones import (
     MAX_ASPECT,
     MAX_IMAGE_SIZE,
     Backbone,
-    aggregate,
     create_backbone,
     default_layers,
-    half_stride_views,
-    interleave,
-    lower_median,
     native_bfloat16,
     resolve_device,
     resolve_precision,
 )
+from normalcy.backbones.grids import aggregate, half_stride_views, interleave, lower_median
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from conftest import FAST_OPTIONS as FAST
 from PIL import Image
 
 from normalcy import __version__
-from normalcy.cli import EXIT_SOME_SKIPPED, _make_detector, build_parser, main, tsv_field
+from normalcy.cli import EXIT_SOME_SKIPPED, build_parser, fitted_detector_from, main, tsv_field
 from normalcy.detector import Detector
 from normalcy.methods.mutual import MutualScorer
 
@@ -401,13 +401,13 @@ def test_installed_entry_point_prints_the_version() -> None:
 
 def test_low_variance_reaches_the_gaussian_and_is_refused_for_other_methods() -> None:
     args = build_parser().parse_args(["eval", "data", "--method", "all", "--low-variance", "0.05"])
-    assert _make_detector(args, "gaussian").low_variance_fraction == 0.05
-    assert _make_detector(args, "patchknn").low_variance_fraction is None
+    assert fitted_detector_from(args, "gaussian").low_variance_fraction == 0.05
+    assert fitted_detector_from(args, "patchknn").low_variance_fraction is None
     args = build_parser().parse_args(
         ["fit", "data", "-o", "m", "--method", "patchknn", "--low-variance", "0.05"]
     )
     with pytest.raises(ValueError, match="--low-variance"):
-        _make_detector(args)
+        fitted_detector_from(args)
 
 
 def test_eval_passes_zero_shot_options_to_its_detectors() -> None:
@@ -415,7 +415,7 @@ def test_eval_passes_zero_shot_options_to_its_detectors() -> None:
         ["eval", "data", "--method", "mutual", "--mutual-sizes", "1", "3", "--mutual-rescore", "2"]
         + ["--precision", "bfloat16"]
     )
-    scorer = _make_detector(args).scorer
+    scorer = fitted_detector_from(args).scorer
     assert scorer.neighbourhoods == (1, 3) and scorer.rescore_neighbours == 2
     assert scorer.precision == "bfloat16"
 

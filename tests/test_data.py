@@ -10,24 +10,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from normalcy import data
+from normalcy import datasets
 from normalcy.data import (
-    IMAGE_EXTENSIONS,
     ImageLoadError,
     ImageTooLargeError,
-    LoadedImage,
-    expand_inputs,
-    few_shot_references,
-    find_categories,
-    list_images,
     load_image,
     load_image_bytes,
     load_image_bytes_with_size,
     load_image_with_size,
-    load_many,
-    load_mask,
     probe_image,
     reduction_factor,
+)
+from normalcy.datasets import few_shot_references, find_categories, load_mask
+from normalcy.inputs import (
+    IMAGE_EXTENSIONS,
+    LoadedImage,
+    expand_inputs,
+    list_images,
+    load_many,
     source_name,
 )
 
@@ -782,7 +782,7 @@ def test_category_without_test_images_is_reported(tmp_path: Path) -> None:
 
 
 def test_test_sample_is_not_collected_by_pytest() -> None:
-    assert data.TestSample.__test__ is False
+    assert datasets.TestSample.__test__ is False
 
 
 def test_load_mask_thresholds_at_127(tmp_path: Path) -> None:

@@ -21,10 +21,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from normalcy import Detector, Prediction
-from normalcy import data as image_data
+from normalcy import inputs as image_inputs
 from normalcy import prediction as prediction_module
-from normalcy.data import ImageLoadError, LoadedImage
-from normalcy.detector import augmentations, choose_setting
+from normalcy.data import ImageLoadError
+from normalcy.detector import choose_setting
+from normalcy.fitting import augmentations
+from normalcy.inputs import LoadedImage
 from normalcy.methods.patchknn import PatchKNN
 from normalcy.modelfile import MODEL_FORMAT_VERSION, ModelFileError
 
@@ -353,7 +355,7 @@ def test_context_is_on_for_patch_knn_and_off_for_other_methods_by_default(
 ) -> None:
     assert fitted.backbone_.context == 1.0
     for method in ("gaussian", "mutual"):
-        assert Detector(**OPTIONS, method=method)._backbone().context == 0.0
+        assert Detector(**OPTIONS, method=method).backbone_model().context == 0.0
 
 
 def test_a_model_saved_before_the_context_option_loads_without_it(
@@ -887,15 +889,15 @@ def test_abandoning_a_prediction_stream_stops_its_decoding_thread(
 def test_a_decoding_error_of_the_reader_reaches_the_caller(
     data: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    load_one = image_data.load_one
+    load_one = image_inputs.load_one
 
     def broken(source, index, *args):
         if index == 1:
             raise OSError("disk gone")
         return load_one(source, index, *args)
 
-    monkeypatch.setattr(image_data, "load_one", broken)
-    stream = image_data.decoded_ahead(data["good"], None, threads=1)
+    monkeypatch.setattr(image_inputs, "load_one", broken)
+    stream = image_inputs.decoded_ahead(data["good"], None, threads=1)
     assert isinstance(next(stream), LoadedImage)
     with pytest.raises(OSError, match="disk gone"):
         next(stream)
@@ -910,16 +912,16 @@ def test_decoding_ahead_keeps_the_order_and_errors_in_place(
     sources = [*data["good"], broken, *data["bad"]] * 3
     names = [
         item.name if isinstance(item, LoadedImage) else item.source
-        for item in image_data.decoded_ahead(sources, None, threads)
+        for item in image_inputs.decoded_ahead(sources, None, threads)
     ]
     assert names == [str(s) for s in sources]
     errors = [i for i, s in enumerate(sources) if s == broken]
-    decoded = list(image_data.decoded_ahead(sources, None, threads))
+    decoded = list(image_inputs.decoded_ahead(sources, None, threads))
     assert all(isinstance(decoded[i], ImageLoadError) for i in errors)
 
 
 def test_abandoning_a_pool_of_decoding_threads_stops_them(data: dict[str, list[Path]]) -> None:
-    stream = image_data.decoded_ahead(data["good"] * 50, None, threads=3)
+    stream = image_inputs.decoded_ahead(data["good"] * 50, None, threads=3)
     next(stream)
     stream.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("normalcy-decode_")]

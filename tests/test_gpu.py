@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from normalcy import Detector
-from normalcy.data import list_images
+from normalcy.inputs import list_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 OPTIONS = {"backbone": "efficientnet_lite0", "image_size": 64}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from normalcy.cli import main
-from normalcy.data import find_categories, link_subsample
+from normalcy.datasets import find_categories, link_subsample
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "magnetic_tile"
 

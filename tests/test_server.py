@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from normalcy import Detector
-from normalcy.data import LoadedImage
+from normalcy.inputs import LoadedImage
 from normalcy.server.app import (
     ServiceError,
     ServiceSettings,

