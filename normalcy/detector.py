@@ -239,9 +239,9 @@ class Detector:
         """Learn normality from normal images (a folder, paths, arrays or PIL images).
 
         The threshold is set at the target false-positive rate from normal images scored by
-        a model that did not see them (see `calibration`): full-shot patch kNN scores every
-        image (up to 500) against the bank without its own patches; other methods hold out
-        every 10th image; below 10 images each is left out in turn.
+        a model that did not see them (see `fitting`): patch kNN scores every image (up to
+        500) against the bank without its own patches; other full-shot methods hold out every
+        10th image; below 10 images, or few-shot, the others leave each image out in turn.
         """
         return fitting.fit(self, normal)
 

@@ -3,10 +3,12 @@ that its thresholds are set from (see `calibration` for why each scheme).
 
 Three schemes, by how many normal images there are and what the method can do:
 - left out: the method fits on every image, then scores up to `CALIBRATION_MAX` of them as if
-  each had been left out (full-shot patch kNN);
-- held out: every 10th image is kept out of the fit and scored (other methods);
-- leave one out: below `MIN_IMAGES_FOR_HOLDOUT` images, each is scored by a model of the
-  others.
+  each had been left out (patch kNN and golden templates);
+- held out: every 10th image is kept out of the fit and scored (the other full-shot methods);
+- leave one out: below `MIN_IMAGES_FOR_HOLDOUT` images, or for few-shot methods that cannot
+  leave out, each image is scored by a model of the others.
+Few-shot banks thus keep every reference, and their threshold rests on one score per
+reference, never on the one or two images a 10% hold-out would leave.
 The single-machine fit (`fit`) and the Ray fit (`normalcy.distributed`) share these pieces.
 """
 
@@ -52,6 +54,9 @@ def held_out_split(sources: Sequence[ImageInput]) -> tuple[list, list]:
         [s for s, out in zip(sources, held, strict=True) if not out],
         [s for s, out in zip(sources, held, strict=True) if out],
     )
+
+
+AUGMENTED_VIEWS = 8  # views of each few-shot reference that `augmentations` gives
 
 
 def augmentations(image: np.ndarray) -> list[np.ndarray]:
@@ -154,11 +159,12 @@ def dense_peaks(detector: Detector, method: Method, images: Iterable[LoadedImage
 
 
 def left_out_results(
-    detector: Detector, readable: Sequence[ImageInput]
+    detector: Detector, readable: Sequence[ImageInput], views: int = 1
 ) -> tuple[NormalResults, list[float]]:
     """Image score and map peak (and with the dense map, its peak) of up to
     `CALIBRATION_MAX` evenly spaced images of the fit, each scored by the fitted method
-    as if left out; `readable` are the fit's images in the order the method saw them."""
+    as if left out; `readable` are the fit's images in the order the method saw them, each
+    of which gave it `views` grids."""
     step = math.ceil(len(readable) / CALIBRATION_MAX)
     positions = range(0, len(readable), step)
     chosen = [readable[p] for p in positions]
@@ -170,10 +176,10 @@ def left_out_results(
     while window := list(itertools.islice(usable, detector.batch_size)):
         where, pixels = [p for p, _ in window], [item.image for _, item in window]
         plain = backbone.features(pixels, batch_size=detector.batch_size)
-        results += normal_results(detector, method, method.score_left_out(plain, where))
+        results += normal_results(detector, method, method.score_left_out(plain, where, views))
         if detector.dense_map:
             dense = backbone.features(pixels, dense=True, batch_size=detector.batch_size)
-            for scores in method.score_left_out(dense, where):
+            for scores in method.score_left_out(dense, where, views):
                 peaks.append(float(maps.shown_map(scores.patches, True).max()))
         bar.update(len(window))
     bar.close()
@@ -248,12 +254,13 @@ def fit(detector: Detector, normal: ImageInput | Sequence[ImageInput]) -> Detect
     detector.input_sizes_ = Counter()
     detector.method_ = new_method(detector, few_shot)
     enough = len(sources) >= MIN_IMAGES_FOR_HOLDOUT
-    if enough and detector.method_.leaves_out and not few_shot:
+    if enough and detector.method_.leaves_out:
         readable: list[ImageInput] = []
         _fit_from(detector, decoded(detector, sources, "fit", readable=readable), few_shot)
-        results, peaks = left_out_results(detector, readable)
+        views = AUGMENTED_VIEWS if few_shot and detector.augment else 1
+        results, peaks = left_out_results(detector, readable, views)
         scheme = "each scored against the bank without its own patches"
-    elif enough:
+    elif enough and not few_shot:
         bank, held = held_out_split(sources)
         _fit_from(detector, decoded(detector, bank, "fit"), few_shot)
         results, peaks = held_out_results(detector, held)

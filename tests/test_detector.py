@@ -925,3 +925,17 @@ def test_abandoning_a_pool_of_decoding_threads_stops_them(data: dict[str, list[P
     next(stream)
     stream.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("normalcy-decode_")]
+
+
+def test_a_few_shot_fit_of_ten_or_more_keeps_every_reference_and_calibrates_on_each(
+    data: dict[str, list[Path]],
+) -> None:
+    references = data["train"][:12]
+    augmented = Detector(**OPTIONS, shots=12).fit(references)
+    plain = Detector(**OPTIONS, shots=12, augment=False).fit(references)
+    for detector in (augmented, plain):
+        assert detector.n_train_ == 12
+        assert detector.calibration_.images == 12  # one score per reference, none held out
+        assert "without its own patches" in detector.calibration_.scheme
+    # every reference is in the bank, with its 8 augmented views
+    assert augmented.method_.n_patches_seen_ == 8 * plain.method_.n_patches_seen_

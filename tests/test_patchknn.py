@@ -225,3 +225,14 @@ def test_a_loaded_bank_cannot_score_left_out() -> None:
     alone = PatchKNN(coreset_ratio=1.0).fit(_normal_grids(1))
     with pytest.raises(ValueError, match="nothing left"):
         alone.score_left_out([torch.zeros(2, 2, DIM)], [0])
+
+
+def test_leaving_an_image_out_removes_all_of_its_augmented_views() -> None:
+    grids = _normal_grids(4, seed=3)
+    # two images, each giving two views; the second view of image 0 repeats its first
+    fitted = PatchKNN(coreset_ratio=1.0).fit([grids[0], grids[0], grids[1], grids[2]])
+    query = torch.from_numpy(grids[0])
+    one_view = fitted.score_left_out([query], [0], views=1)[0].patches
+    whole_image = fitted.score_left_out([query], [0], views=2)[0].patches
+    assert float(one_view.max()) == pytest.approx(0.0, abs=1e-3)  # its twin view is found
+    assert float(whole_image.min()) > 0.01  # only the other image's patches remain

@@ -52,10 +52,11 @@ class Method(Protocol):
         ...
 
     def score_left_out(
-        self, grids: Sequence[torch.Tensor], sources: Sequence[int]
+        self, grids: Sequence[torch.Tensor], sources: Sequence[int], views: int = 1
     ) -> list[GridScores]:
-        """Scores of grids of the fit (the `sources[i]`-th grid it saw) as if each had been
-        left out of it; only where `leaves_out`."""
+        """Scores of grids of the fit as if each one's image had been left out of it: the
+        `sources[i]`-th image, which gave the fit `views` consecutive grids (its augmented
+        views in few-shot mode); only where `leaves_out`."""
         ...
 
     def get_params(self) -> dict[str, Any]: ...

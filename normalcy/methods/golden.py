@@ -56,9 +56,12 @@ class GoldenTemplate(GridScorer):
         return GridScores(self._nearest(as_grid(grid), np.arange(len(self.references_))))
 
     def score_left_out(
-        self, grids: Sequence[torch.Tensor], sources: Sequence[int]
+        self, grids: Sequence[torch.Tensor], sources: Sequence[int], views: int = 1
     ) -> list[GridScores]:
-        """Each reference scored against the others (the `sources[i]`-th is left out)."""
+        """Each reference scored against the others (the `sources[i]`-th is left out);
+        references are never augmented, so each gave one grid (`views` must be 1)."""
+        if views != 1:
+            raise ValueError("golden references are not augmented: one view each")
         if len(self.references_) < 2:
             raise ValueError("one reference has nothing left to score it against")
         everyone = np.arange(len(self.references_))

@@ -149,12 +149,13 @@ class PatchKNN(GridScorer):
         return GridScores(self.score(grid))
 
     def score_left_out(
-        self, grids: Sequence[torch.Tensor], sources: Sequence[int]
+        self, grids: Sequence[torch.Tensor], sources: Sequence[int], views: int = 1
     ) -> list[GridScores]:
-        """Scores of grids the bank was fitted from, each (the `sources[i]`-th grid of the
-        fit) searched against the bank without the patches that grid gave it: as if its image
-        had been left out (slightly above that, if anything, since the bank kept fewer
-        patches of similar images because of it)."""
+        """Scores of grids of the images the bank was fitted from, each (of the
+        `sources[i]`-th image, which gave `views` consecutive grids) searched against the
+        bank without the patches its image gave it: as if the image had been left out
+        (slightly above that, if anything, since the bank kept fewer patches of similar
+        images because of it)."""
         if getattr(self, "bank_sources_", None) is None:
             raise RuntimeError("left-out scores need the fit itself, not a loaded bank")
         results = []
@@ -164,7 +165,7 @@ class PatchKNN(GridScorer):
             if bank is None:  # exact float32 ranking whatever the search precision
                 bank = torch.from_numpy(self.memory_bank_).to(grid.device)
                 ranking = _ranking(bank)
-            excluded = torch.from_numpy(self.bank_sources_ == source).to(grid.device)
+            excluded = torch.from_numpy(self.bank_sources_ // views == source).to(grid.device)
             if bool(excluded.all()):
                 raise ValueError("a bank made of one image has nothing left to score it against")
             queries = grid.reshape(-1, grid.shape[-1])
