@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
@@ -112,6 +111,8 @@ class PatchKNN(GridScorer):
         if key not in self._indexes:
             precision = resolve_precision(self.precision, device)
             if precision == "float32" and device.type == "cpu":
+                import faiss  # only this search needs it (not a GPU, nor bfloat16)
+
                 index = faiss.IndexFlatL2(self.memory_bank_.shape[1])
                 index.add(self.memory_bank_)
             else:
@@ -127,7 +128,7 @@ class PatchKNN(GridScorer):
         dims = self.memory_bank_.shape[1]
         if queries.shape[-1] != dims:
             raise ValueError(f"features have {queries.shape[-1]} dims, the bank has {dims}")
-        if isinstance(index, faiss.Index):
+        if not isinstance(index, tuple):  # faiss's index
             flat = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
             squared = np.empty(len(flat), dtype=np.float32)
             for start in range(0, len(flat), FAISS_BATCH):
