@@ -28,10 +28,9 @@ from tqdm import tqdm
 from normalcy.calibration import CALIBRATION_MAX, thresholds_from
 from normalcy.data import ImageInput, ImageLoadError
 from normalcy.inputs import LoadedImage, decoded_ahead, expand_inputs
-from normalcy.methods import create_method
-from normalcy.methods.base import GridScores, Method
+from normalcy.methods import method_for
+from normalcy.methods.base import FitSettings, GridScores, Method
 from normalcy.methods.fused import KNNGaussianFusion
-from normalcy.methods.golden import GoldenTemplate
 from normalcy.methods.mutual import MutualScorer
 from normalcy.pipeline import feature_grids
 
@@ -75,20 +74,16 @@ def new_method(detector: Detector, few_shot: bool) -> Method:
             "the mutual method is zero-shot: it needs no fit; call zero_shot(images) "
             "(CLI: normalcy predict --zero-shot INPUT_DIR -o OUT)"
         )
-    if detector.method == "gaussian":
-        return create_method("gaussian", low_variance_fraction=detector.low_variance_fraction)
-    if detector.method == GoldenTemplate.name:
-        return create_method(detector.method)
-    fused = detector.method == KNNGaussianFusion.name
-    extra = {"context_half": detector.backbone_model().context > 0} if fused else {}
-    return create_method(
-        detector.method,
-        coreset_ratio=1.0 if few_shot else detector.coreset_ratio,
+    settings = FitSettings(
+        few_shot=few_shot,
+        coreset_ratio=detector.coreset_ratio,
         max_bank_size=detector.max_bank_size,
         seed=detector.seed,
         precision=detector.precision,
-        **extra,
+        low_variance_fraction=detector.low_variance_fraction,
+        context_half=detector.backbone_model().context > 0,
     )
+    return method_for(detector.method, settings)
 
 
 def decoded(

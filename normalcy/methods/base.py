@@ -15,6 +15,20 @@ import numpy as np
 import torch
 
 
+@dataclass(frozen=True)
+class FitSettings:
+    """What a detector's settings say about fitting a method; each method takes what it uses
+    (`Method.from_settings`), so a detector never asks which method it holds."""
+
+    few_shot: bool = False  # every reference kept (augmented), no sampling of the bank
+    coreset_ratio: float = 0.1
+    max_bank_size: int = 10_000
+    seed: int = 0
+    precision: str = "float32"
+    low_variance_fraction: float | None = None
+    context_half: bool = False  # the features' second half is the image-context half
+
+
 @dataclass
 class GridScores:
     """What a method says about one image's feature grid.
@@ -37,6 +51,11 @@ class Method(Protocol):
     leaves_out: ClassVar[bool]
     """Whether `score_left_out` can score the images of the fit as if each were left out
     (then every normal image calibrates the threshold; else a held-out part does)."""
+
+    @classmethod
+    def from_settings(cls, settings: FitSettings) -> Method:
+        """An unfitted method in a detector's settings."""
+        ...
 
     def fit(self, grids: Iterable[torch.Tensor]) -> Method:
         """Learn from the feature grids of normal images (consumed once, in order)."""

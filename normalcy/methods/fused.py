@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from normalcy.methods.base import GridScores, as_grid, exact_dtype, fitted_array
+from normalcy.methods.base import FitSettings, GridScores, as_grid, exact_dtype, fitted_array
 from normalcy.methods.gaussian import FeatureSums, GaussianScorer
-from normalcy.methods.patchknn import PatchKNN
+from normalcy.methods.patchknn import PatchKNN, knn_params
 
 GAUSSIAN_KEYS = ("image_mean", "image_whitening", "patch_mean", "patch_whitening")
 
@@ -44,6 +44,10 @@ class KNNGaussianFusion:
     def __init__(self, context_half: bool = False, **knn_params: Any) -> None:
         self.knn = PatchKNN(**knn_params)  # unfitted: holds the parameters
         self.context_half = context_half
+
+    @classmethod
+    def from_settings(cls, settings: FitSettings) -> KNNGaussianFusion:
+        return cls(context_half=settings.context_half, **knn_params(settings))
 
     def get_params(self) -> dict[str, Any]:
         return {**self.knn.get_params(), "context_half": self.context_half}

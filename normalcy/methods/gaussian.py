@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from normalcy.methods.base import GridScorer, GridScores, as_grid, exact_dtype, fitted_array
+from normalcy.methods.base import (
+    FitSettings,
+    GridScorer,
+    GridScores,
+    as_grid,
+    exact_dtype,
+    fitted_array,
+)
 
 
 class Moments:
@@ -131,6 +138,10 @@ class GaussianScorer(GridScorer):
                 f"low_variance_fraction must be in (0, 1], got {low_variance_fraction}"
             )
         self.low_variance_fraction = low_variance_fraction
+
+    @classmethod
+    def from_settings(cls, settings: FitSettings) -> GaussianScorer:
+        return cls(low_variance_fraction=settings.low_variance_fraction)
 
     def get_params(self) -> dict[str, Any]:
         return {"low_variance_fraction": self.low_variance_fraction}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from normalcy.methods.base import GridScorer, GridScores, as_grid, fitted_array
+from normalcy.methods.base import FitSettings, GridScorer, GridScores, as_grid, fitted_array
 
 MAX_RADIUS = 8  # cells of misalignment tolerated at most
 
@@ -30,6 +30,10 @@ class GoldenTemplate(GridScorer):
         if not 0 <= radius <= MAX_RADIUS:
             raise ValueError(f"radius must be from 0 to {MAX_RADIUS} cells, got {radius}")
         self.radius = radius
+
+    @classmethod
+    def from_settings(cls, settings: FitSettings) -> GoldenTemplate:
+        return cls()
 
     def get_params(self) -> dict[str, Any]:
         return {"radius": self.radius}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from normalcy.backbones import resolve_precision
-from normalcy.methods.base import GridScorer, GridScores, as_grid, fitted_array
+from normalcy.methods.base import FitSettings, GridScorer, GridScores, as_grid, fitted_array
 from normalcy.methods.coreset import StreamingCoreset
 
 # bfloat16 search: each patch's nearest bank patches by bfloat16 products, re-measured in
@@ -23,6 +23,17 @@ from normalcy.methods.coreset import StreamingCoreset
 CANDIDATES = 8
 FAISS_BATCH = 4096  # queries per faiss search call
 DEVICE_CHUNK = 8192  # queries per exact matrix-product block on an accelerator
+
+
+def knn_params(settings: FitSettings) -> dict[str, Any]:
+    """A memory bank's parameters in a detector's settings: few-shot keeps every patch of the
+    references (up to the bank's size)."""
+    return {
+        "coreset_ratio": 1.0 if settings.few_shot else settings.coreset_ratio,
+        "max_bank_size": settings.max_bank_size,
+        "seed": settings.seed,
+        "precision": settings.precision,
+    }
 
 
 class PatchKNN(GridScorer):
@@ -54,6 +65,10 @@ class PatchKNN(GridScorer):
         self.projection_dim = projection_dim
         self.seed = seed
         self.precision = precision
+
+    @classmethod
+    def from_settings(cls, settings: FitSettings) -> PatchKNN:
+        return cls(**knn_params(settings))
 
     def get_params(self) -> dict[str, Any]:
         return {
