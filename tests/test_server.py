@@ -324,6 +324,15 @@ def test_checked_in_openapi_schema_matches_the_service() -> None:
     assert "/v1/models/{name}/predict" in checked_in["paths"]
 
 
+def test_the_service_loads_nothing_from_the_internet(server: Server) -> None:
+    # FastAPI's /docs and /redoc pages would fetch their scripts from a CDN: they are off.
+    assert httpx.get(server.url + "/docs").status_code == 404
+    assert httpx.get(server.url + "/redoc").status_code == 404
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert "/v1/models/{name}/predict" in schema["paths"]
+    assert "cdn" not in httpx.get(server.url + "/").text.lower()
+
+
 @pytest.mark.parametrize(
     ("argument", "expected"),
     [("models/part-a", ("part-a", Path("models/part-a"))), ("a=models/x", ("a", Path("models/x")))],

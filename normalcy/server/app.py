@@ -132,6 +132,10 @@ def create_app(models: dict[str, Model], settings: ServiceSettings | None = None
         version=__version__,
         description="Visual anomaly detection: score images against saved normal models.",
         lifespan=lifespan,
+        # FastAPI's /docs and /redoc pages load their scripts from a CDN, which line computers
+        # often cannot reach; the schema itself is served at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
     )
 
     def fail(status: int, code: str, message: str, headers: dict | None = None) -> ServiceError:
