@@ -3,7 +3,7 @@
 Results: one row per data set and setting (the defaults on every data set, the documented
 board settings on DeepPCB, zero-shot and few-shot where their JSON exists), each from the
 JSON of `benchmarks/run.py` that covers the most test images (the full test set where one
-was run), with the command that writes that JSON. Speed: `benchmarks/speed.py`'s JSON, the
+was run), and how to reproduce each. Speed: `benchmarks/speed.py`'s JSON, the
 library's own path (speed.json, and speed-cuda.json on a GPU) and exported models on each
 engine (speed-export.json, speed-export-float32.json).
 
@@ -22,7 +22,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from run import ROWS  # benchmarks/run.py: row name -> `normalcy eval` options
 from speed import describe  # benchmarks/speed.py: the machine and settings of a speed JSON
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +30,6 @@ MARKERS = {
     "results": ("<!-- results:begin -->", "<!-- results:end -->"),
     "speed": ("<!-- speed:begin -->", "<!-- speed:end -->"),
 }
-# `normalcy eval` options that are the defaults, left out of a setting's description.
-DEFAULT_OPTIONS = ("--backbone", "dinov2_vits14", "--image-size", "224")
 
 
 @dataclass(frozen=True)
@@ -89,27 +86,6 @@ def find_json(results: Path, data_set: DataSet, row: str) -> Found | None:
     return found[0] if found else None
 
 
-def run_command(data_set: DataSet, row: str, found: Found) -> str:
-    """The benchmarks/run.py command that writes `found`."""
-    words = ["python benchmarks/run.py"]
-    if data_set.data:
-        words += ["--data", data_set.data]
-    words += ["--rows", row]
-    if found.train_every > 1 or found.test_every > 1:
-        words += ["--train-every", str(found.train_every), "--test-every", str(found.test_every)]
-    return " ".join(words)
-
-
-def eval_options(row: str) -> str:
-    """The row's `normalcy eval` options that differ from the defaults."""
-    options = list(ROWS[row])
-    for flag, value in zip(DEFAULT_OPTIONS[::2], DEFAULT_OPTIONS[1::2], strict=True):
-        at = options.index(flag) if flag in options else -1
-        if at >= 0 and options[at + 1] == value:
-            del options[at : at + 2]
-    return " ".join(options)
-
-
 def _metric(value: float | None, spread: float | None = None) -> str:
     if value is None:
         return "-"
@@ -121,18 +97,17 @@ def _whole(value: float | None) -> str:
 
 
 def _images(count: int, every: int) -> str:
-    return str(count) if every == 1 else f"{count} (1/{every})"
+    return str(count) if every == 1 or count == 0 else f"{count} (1/{every})"
 
 
 def results_section(results: Path = RESULTS) -> str:
-    """The results table and the commands that reproduce each of its JSON files."""
+    """The results table, and how to reproduce each row's JSON."""
     lines = [
-        "| data set | setting | `normalcy eval` options | train / test images | image AUROC "
+        "| data set | setting | `benchmarks/run.py` row | train / test images | image AUROC "
         "| pixel AUROC | AUPRO | image F1-max | FPR / recall at the threshold | fit s "
         "| predict ms/img | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    commands = []
     for setting in SETTINGS:
         for data_set in DATA_SETS:
             if data_set.name not in setting.data_sets:
@@ -148,23 +123,23 @@ def results_section(results: Path = RESULTS) -> str:
             decision = "-"
             if mean.get("achieved_fpr") is not None and mean.get("recall") is not None:
                 decision = f"{mean['achieved_fpr']:.3f} / {mean['recall']:.3f}"
-            options = eval_options(setting.row)
             lines.append(
-                f"| {data_set.name} | {setting.label} | {f'`{options}`' if options else '-'} | "
+                f"| {data_set.name} | {setting.label} | `{setting.row}` | "
                 f"{_images(first['n_train'], found.train_every)} / "
                 f"{_images(first['n_test'], found.test_every)} | {' | '.join(quality)} | "
                 f"{decision} | {_whole(mean.get('fit_seconds'))} | "
                 f"{_whole(mean.get('predict_ms_per_image'))} | {_whole(mean.get('peak_rss_mb'))} |"
             )
-            commands.append(f"- `{found.path.name}`: `{run_command(data_set, setting.row, found)}`")
+    data = " | ".join(f"`--data {d.data}`" for d in DATA_SETS if d.data)
     return "\n".join(
         [
             *lines,
             "",
-            "(1/n): every n-th training or test image. Each row's JSON in `bench-results/`, "
-            "and the command that writes it:",
-            "",
-            *commands,
+            "A row: `python benchmarks/run.py --rows ROW` on Magnetic Tile, adding "
+            f"{data} for DeepPCB, and `--train-every N --test-every M` where the table shows "
+            "(1/N), (1/M): every n-th image. It writes "
+            "`bench-results/[pcb-]ROW[-trainNofN-testMofM].json`; each row's `normalcy eval` "
+            "options are in `benchmarks/run.py`. Few-shot rows: mean ± spread over 3 draws.",
         ]
     )
 
@@ -271,6 +246,21 @@ def export_speed(path: Path, library: dict | None) -> list[str]:
     return lines
 
 
+def float32_ratios(path: Path) -> str:
+    """One sentence: each engine's time against the library's, both in float32."""
+    result = json.loads(path.read_text())
+    ratios: dict[str, list[float]] = {}
+    for row in result["rows"]:
+        for engine, ms in row.get("exported_ms", {}).items():
+            ratios.setdefault(engine, []).append(ms / row["predict_ms"])
+    spans = ", ".join(f"{e} {min(r):.2f}-{max(r):.2f}x" for e, r in ratios.items())
+    sizes = " and ".join(str(s) for s in dict.fromkeys(r["image_size"] for r in result["rows"]))
+    return (
+        f"Both in float32, at {sizes} px, an engine takes this share of the library's time: "
+        f"{spans} (`{speed_command(result, path)}`)."
+    )
+
+
 def speed_section(results: Path = RESULTS) -> str:
     """The library's speed tables (CPU, and GPU where measured) and, where measured, the
     exported models' tables (at the library's default precision, and in float32)."""
@@ -280,9 +270,10 @@ def speed_section(results: Path = RESULTS) -> str:
     for name in ("speed.json", "speed-cuda.json"):
         if (results / name).is_file():
             lines += [*([""] if lines else []), *library_speed(results / name)]
-    for name in ("speed-export.json", "speed-export-float32.json"):
-        if (results / name).is_file():
-            lines += [*([""] if lines else []), *export_speed(results / name, measured)]
+    if (results / "speed-export.json").is_file():
+        lines += [*([""] if lines else []), *export_speed(results / "speed-export.json", measured)]
+    if (results / "speed-export-float32.json").is_file():
+        lines += ["", float32_ratios(results / "speed-export-float32.json")]
     return "\n".join(lines) if lines else "No speed JSON in bench-results/."
 
 
