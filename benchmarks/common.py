@@ -3,6 +3,7 @@ engines they time, and their JSON."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -14,6 +15,20 @@ ENGINE_SETTINGS = {
     "openvino": ("openvino", "float32"),
     "openvino-bfloat16": ("openvino", "bfloat16"),
 }
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def subsample_arguments(doc: str, json_name: str) -> argparse.Namespace:
+    """The command line of a benchmark over one data set's subsample: the category, every
+    n-th train and test image, and where the JSON goes (default bench-results/`json_name`)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("data", type=Path, help="one MVTec-layout category")
+    parser.add_argument("--train-every", type=int, default=1)
+    parser.add_argument("--test-every", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / json_name)
+    return parser.parse_args()
 
 
 def subsampled(data: Path, folder: Path, train_every: int, test_every: int) -> MVTecCategory:

@@ -13,19 +13,17 @@ each detector and of the ensemble; writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import subsampled, write_json
+from common import subsample_arguments, subsampled, write_json
 
 from normalcy import Detector
 from normalcy.datasets import load_mask
 from normalcy.metrics import aupro, image_auroc, pixel_auroc
 
-ROOT = Path(__file__).resolve().parent.parent
 DETECTORS = {
     "Lite0, tiles at 2x, block 10": {
         "backbone": "efficientnet_lite0",
@@ -54,12 +52,7 @@ def standardised(detector: Detector, held: list, test: list) -> tuple[list, list
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", type=Path, help="one MVTec-layout category")
-    parser.add_argument("--train-every", type=int, default=1)
-    parser.add_argument("--test-every", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "ensemble.json")
-    args = parser.parse_args()
+    args = subsample_arguments(__doc__, "ensemble.json")
     with tempfile.TemporaryDirectory() as tmp:
         category = subsampled(args.data, Path(tmp), args.train_every, args.test_every)
         cut = len(category.train) - max(2, len(category.train) // 10)

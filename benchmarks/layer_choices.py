@@ -11,7 +11,6 @@ averages the two single-block maps. Maps as `--closing 1`. Prints a table and wr
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from common import subsampled, write_json
+from common import subsample_arguments, subsampled, write_json
 
 from normalcy import Detector
 from normalcy.datasets import load_mask
@@ -31,7 +30,6 @@ from normalcy.pipeline import MapSettings
 from normalcy.postprocess import SIGMA_AT_256, ranking_score
 from normalcy.prediction import resize_map
 
-ROOT = Path(__file__).resolve().parent.parent
 BLOCK4_CHANNELS = 40  # the grid's first channels are block 4's, the rest block 10's
 # name -> (channels, bank size)
 BANKS = {
@@ -54,12 +52,7 @@ def nearest_distances(bank: np.ndarray, grids: list[np.ndarray]) -> list[np.ndar
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", type=Path, help="one MVTec-layout category")
-    parser.add_argument("--train-every", type=int, default=1)
-    parser.add_argument("--test-every", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "layers.json")
-    args = parser.parse_args()
+    args = subsample_arguments(__doc__, "layers.json")
     detector = Detector(backbone="efficientnet_lite0", tile_scale=2, context=0, closing=1)
     backbone = detector.backbone_model()
     maps = MapSettings(SIGMA_AT_256, 1, "bicubic", backbone.tile_cells)

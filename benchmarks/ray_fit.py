@@ -10,7 +10,6 @@ writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -18,13 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import subsampled, write_json
+from common import subsample_arguments, subsampled, write_json
 
 from normalcy import Detector, distributed
 from normalcy.datasets import load_mask
 from normalcy.metrics import aupro, image_auroc
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def accuracy(detector: Detector, category) -> dict:
@@ -43,12 +40,7 @@ def accuracy(detector: Detector, category) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", type=Path, help="one MVTec-layout category")
-    parser.add_argument("--train-every", type=int, default=1)
-    parser.add_argument("--test-every", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "ray-fit.json")
-    args = parser.parse_args()
+    args = subsample_arguments(__doc__, "ray-fit.json")
     with tempfile.TemporaryDirectory() as tmp:
         category = subsampled(args.data, Path(tmp), args.train_every, args.test_every)
         start = time.perf_counter()

@@ -27,20 +27,12 @@ ImageInput: TypeAlias = str | os.PathLike | np.ndarray | Image.Image
 """Anything :func:`load_image` accepts: a file path, a numpy array or a PIL image."""
 
 
-# Pillow decoders tried on files; the formats behind IMAGE_EXTENSIONS. Restricting the list keeps
-# exotic plugins (some of which run external programs) away from untrusted files.
+# Pillow decoders tried on files; the formats behind `inputs.IMAGE_EXTENSIONS`. Restricting the
+# list keeps exotic plugins (some of which run external programs) away from untrusted files.
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
-
-
 _ARRAY_NAME = "<array>"
-
-
 _PIL_NAME = "<PIL image>"
-
-
 _UINT16_TO_UINT8 = 257  # 65535 / 255: maps the full 16-bit range onto the full 8-bit range
-
-
 BAND_PIXELS = 4_000_000  # pixels converted at a time when an array becomes RGB
 
 

@@ -125,14 +125,19 @@ def bank_grids(
     detector: Detector, images: Iterable[LoadedImage], few_shot: bool
 ) -> Iterator[torch.Tensor]:
     """Grids of the images a bank is built from: few-shot references with their augmented
-    views (unless `augment` is off)."""
-    augment = few_shot and detector.augment
+    views (unless `augment` is off), `views_per_image` consecutive grids each."""
+    augment = views_per_image(detector, few_shot) > 1
     views = (
         LoadedImage(item.name, view)
         for item in images
         for view in (augmentations(item.image) if augment else [item.image])
     )
     yield from grids(detector, views)
+
+
+def views_per_image(detector: Detector, few_shot: bool) -> int:
+    """How many grids each image gives a bank: its augmented views in few-shot mode."""
+    return AUGMENTED_VIEWS if few_shot and detector.augment else 1
 
 
 def normal_results(
@@ -252,8 +257,7 @@ def fit(detector: Detector, normal: ImageInput | Sequence[ImageInput]) -> Detect
     if enough and detector.method_.leaves_out:
         readable: list[ImageInput] = []
         _fit_from(detector, decoded(detector, sources, "fit", readable=readable), few_shot)
-        views = AUGMENTED_VIEWS if few_shot and detector.augment else 1
-        results, peaks = left_out_results(detector, readable, views)
+        results, peaks = left_out_results(detector, readable, views_per_image(detector, few_shot))
         scheme = "each scored against the bank without its own patches"
     elif enough and not few_shot:
         bank, held = held_out_split(sources)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from normalcy.data import ImageInput, ImageLoadError
 from normalcy.inputs import LoadedImage, decoded_ahead, expand_inputs
@@ -74,9 +75,9 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-ENGINES = ("onnxruntime", "openvino")
-# onnxruntime's CPU kernels have no bfloat16 arithmetic.
+# engine -> the precisions it runs (onnxruntime's CPU kernels have no bfloat16 arithmetic)
 PRECISIONS = {"onnxruntime": ("float32",), "openvino": ("float32", "bfloat16")}
+ENGINES = tuple(PRECISIONS)
 
 
 def resize_pixels(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -86,8 +87,6 @@ def resize_pixels(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     antialiasing (OpenVINO): the image then reaches the graph at its network size, where the
     graph's resize is the identity. One thread and no BLAS, so it takes no core from the
     engine's own threads."""
-    from PIL import Image
-
     channels = [
         Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32), mode="F")
         for c in range(image.shape[2])

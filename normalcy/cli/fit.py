@@ -66,7 +66,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
         args.method = args.method or "patchknn"
         detector = fitted_detector_from(args, fpr=args.fpr, threshold=args.threshold)
-        return saved(args, distributed.fit(detector, sources, args.ray or None), [])
+        return _saved(args, distributed.fit(detector, sources, args.ray or None), [])
     # Files that are not images at all are set aside first, so the setting below counts
     # the images the fit will really use.
     probed = [(source, probe_image(source)) for source in sources]
@@ -83,10 +83,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         setting = f"{args.shots}-shot" if args.shots else "full-shot"
         print(f"{len(readable)} normal images: fitting {args.method} {setting}", file=sys.stderr)
     detector = fitted_detector_from(args, fpr=args.fpr, threshold=args.threshold, progress=True)
-    return saved(args, detector.fit(readable), unreadable)
+    return _saved(args, detector.fit(readable), unreadable)
 
 
-def saved(args: argparse.Namespace, detector: Detector, unreadable: list[str]) -> int:
+def _saved(args: argparse.Namespace, detector: Detector, unreadable: list[str]) -> int:
     """Save a fitted detector to -o and say what it learnt from and what it skipped."""
     path = detector.save(args.output)
     threshold = "none" if detector.threshold_ is None else f"{detector.threshold_:.4f}"

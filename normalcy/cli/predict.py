@@ -29,7 +29,6 @@ from normalcy.report import THUMBNAIL_SIDE, ReportImage, report_image, write_rep
 from normalcy.visualize import write_atomic, write_map_files
 
 EXIT_SOME_SKIPPED = 3  # predict: some inputs could not be read; the others were scored
-
 RESULTS_EVERY_S = 2.0  # predict -o rewrites results.json at most this often while it runs
 
 

@@ -15,17 +15,9 @@ from typing import Any
 from normalcy.data import ImageLoadError
 
 RESULT_GLOB = "results-*.parquet"
-
-
 ROWS_PER_FILE = 1000  # the driver writes a results file at least every this many rows ...
-
-
 FLUSH_SECONDS = 30.0  # ... or this often, whichever comes first
-
-
 MAP_KEYS = ("map", "mask", "overlay")
-
-
 COLUMNS = ("name", "score", "is_anomalous", "threshold", "error", *MAP_KEYS)
 
 

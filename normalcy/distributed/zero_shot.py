@@ -13,7 +13,6 @@ from normalcy.data import ImageInput, ImageLoadError
 from normalcy.detector import Detector
 from normalcy.distributed.cluster import PART_IMAGES, connect, in_order, run_parts
 from normalcy.distributed.results import (
-    COLUMNS,
     RESULT_GLOB,
     ROWS_PER_FILE,
     PredictSummary,
@@ -24,14 +23,14 @@ from normalcy.distributed.results import (
 from normalcy.inputs import expand_inputs
 
 
-def _content_keys(params: dict[str, Any], sources: list[str]) -> list[bytes | str]:
-    """Each image's content key as zero-shot scoring computes it, or why it is unreadable."""
+def _content_keys(params: dict[str, Any], sources: list[str]) -> list[bytes | ImageLoadError]:
+    """Each image's content key as zero-shot scoring computes it, or its load error."""
     from normalcy.inputs import load_many
     from normalcy.methods.mutual import content_key
 
     side = Detector(**params).decode_side
     return [
-        item.reason if isinstance(item, ImageLoadError) else content_key(item.image)
+        item if isinstance(item, ImageLoadError) else content_key(item.image)
         for item in load_many(sources, min_side=side)
     ]
 
@@ -81,11 +80,10 @@ def zero_shot(
     keyed = in_order(run_parts(ray, _content_keys, parts, "read", progress))
     keys = [key for part in keyed for key in part]
     readable = [i for i, key in enumerate(keys) if isinstance(key, bytes)]
-    failed = [i for i, key in enumerate(keys) if isinstance(key, str)]
+    failed = [i for i, key in enumerate(keys) if isinstance(key, ImageLoadError)]
     writer = ResultWriter(out, ROWS_PER_FILE)
     if failed:
-        rows = [{**dict.fromkeys(COLUMNS), "name": sources[i], "error": keys[i]} for i in failed]
-        writer.add(result_table(rows))
+        writer.add(result_table([outcome_row(sources[i], keys[i]) for i in failed]))
     summary = PredictSummary(unreadable=len(failed))
     groups = sub_batches([keys[i] for i in readable], scorer.max_peers) if readable else []
     batches = [(params, [sources[readable[i]] for i in group]) for group in groups]
