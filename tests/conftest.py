@@ -1,4 +1,5 @@
-"""Shared set-up: one compute thread, and a private weights cache instead of ~/.cache."""
+"""Shared set-up: one compute thread, a private weights cache instead of ~/.cache, and the
+tolerance within which two computations of the same float32 values must agree."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from numpy.typing import ArrayLike
 
 from normalcy.cli import main
 from normalcy.synthetic import make_demo_dataset
@@ -46,3 +49,26 @@ def model(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("demo_models") / "fabric"
     assert main(["fit", str(dataset / "train" / "good"), "-o", str(target), *FAST_OPTIONS]) == 0
     return target
+
+
+# float32 keeps 24 bits (machine epsilon 1.2e-7). Two computations of the same score or map that
+# add in another order (another batch composition, SIMD width or CPU, a kernel chosen for another
+# shape, an exported engine) differ by rounding accumulated over hundreds of feature channels and
+# a network's depth: up to 3.5e-5 relative was seen on map cells. RTOL leaves about 3x above it.
+RTOL = 1e-4
+# Near zero a relative tolerance is none: an image's distance to itself comes out at about 1e-6
+# of the typical score rather than 0, since d^2 = |a|^2 + |b|^2 - 2ab cancels. So values may
+# also differ by ATOL times the scale of the values compared.
+ATOL = 1e-5
+
+
+def assert_close(actual: ArrayLike, expected: ArrayLike, scale: float | None = None) -> None:
+    """Computed float values agree within RTOL relative and ATOL * scale absolute; scale
+    defaults to the largest magnitude among the expected values, and must be given where
+    they are all zero (an image scored against itself)."""
+    expected = np.asarray(expected, dtype=np.float64)
+    if scale is None:
+        scale = float(np.abs(expected).max(initial=0.0))
+        if scale == 0.0:
+            raise ValueError("comparing with zeros needs the scale of the values (scale=)")
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL * scale)

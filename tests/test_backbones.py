@@ -10,12 +10,14 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 from torch import nn
 
 from normalcy.backbones import (
     BACKBONES,
     MAX_ASPECT,
     MAX_IMAGE_SIZE,
+    PRECISION_ENV,
     Backbone,
     create_backbone,
     default_layers,
@@ -177,7 +179,7 @@ def test_features_of_different_images_differ(lite0: Backbone) -> None:
 
 def test_every_feature_vector_has_norm_sqrt_of_the_layer_count(lite0: Backbone) -> None:
     (grid,) = lite0.features([_image(80, 96)])
-    np.testing.assert_allclose(np.linalg.norm(grid.numpy(), axis=-1), np.sqrt(2), rtol=1e-5)
+    assert_close(np.linalg.norm(grid.numpy(), axis=-1), np.sqrt(2))
 
 
 def test_bfloat16_features_are_float32_and_close_to_the_float32_ones() -> None:
@@ -192,11 +194,28 @@ def test_bfloat16_features_are_float32_and_close_to_the_float32_ones() -> None:
         assert not np.array_equal(a, b)  # the lower precision was really used
 
 
-def test_auto_precision_is_bfloat16_exactly_where_the_cpu_has_it() -> None:
+def test_auto_precision_is_bfloat16_exactly_where_the_cpu_has_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
     expected = "bfloat16" if native_bfloat16() else "float32"
     assert resolve_precision("auto") == expected
     assert create_backbone("efficientnet_lite0", 64, precision="auto").precision == expected
     assert resolve_precision("float32") == "float32"
+
+
+def test_the_environment_names_what_auto_means_on_every_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for chosen in ("float32", "bfloat16"):
+        monkeypatch.setenv(PRECISION_ENV, chosen)
+        for device in ("cpu", "cuda", "mps"):
+            assert resolve_precision("auto", device) == chosen
+        assert create_backbone("efficientnet_lite0", 64, precision="auto").precision == chosen
+        assert resolve_precision("float32") == "float32"  # a named precision is kept
+    monkeypatch.setenv(PRECISION_ENV, "float16")
+    with pytest.raises(ValueError, match="NORMALCY_PRECISION.*auto.*float32.*bfloat16"):
+        resolve_precision("auto")
 
 
 def test_an_unknown_precision_is_refused_with_the_choices() -> None:
@@ -209,6 +228,7 @@ def test_an_unknown_precision_is_refused_with_the_choices() -> None:
 
 
 def test_auto_precision_for_cuda_needs_no_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
     if not torch.cuda.is_available():
         assert resolve_precision("auto", "cuda") in ("float32", "bfloat16")
     for supported, expected in ((True, "bfloat16"), (False, "float32")):

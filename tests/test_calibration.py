@@ -36,6 +36,7 @@ def test_a_new_normal_score_exceeds_the_threshold_at_most_fpr_of_the_time(
 def test_a_rate_below_what_the_scores_support_gives_the_largest_score() -> None:
     scores = np.array([0.3, 5.0, 1.2, -4.0])
     assert min_supported_fpr(len(scores)) == pytest.approx(0.2)
+    # The threshold is one of the scores, selected: compared exactly.
     assert conformal_threshold(scores, 0.0) == 5.0
     assert conformal_threshold(scores, 0.1) == 5.0
     assert conformal_threshold(scores, 0.4) == 1.2  # ceil(5 * 0.6) = 3rd smallest

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import FAST_OPTIONS as FAST
+from conftest import assert_close
 from PIL import Image
 
 from normalcy import __version__
@@ -186,7 +187,7 @@ def test_predict_dense_map_and_device_options_change_maps_only(
         maps = [np.load(out / row["files"]["map"]) for row in documents[-1]]
         documents[-1] = ([row["score"] for row in documents[-1]], maps)
     (plain_scores, plain_maps), (dense_scores, dense_maps) = documents
-    np.testing.assert_allclose(dense_scores, plain_scores, rtol=1e-5)
+    assert_close(dense_scores, plain_scores)
     assert not np.allclose(dense_maps[0], plain_maps[0])
     capsys.readouterr()
 
@@ -321,7 +322,7 @@ def test_zero_shot_options_reach_the_scorer(dataset: Path, tmp_path: Path) -> No
     expected = Detector(
         method="mutual", backbone="efficientnet_lite0", image_size=64, scorer=scorer
     ).zero_shot(inputs)
-    np.testing.assert_allclose(scores, [p.score for p in expected], rtol=1e-5)
+    assert_close(scores, [p.score for p in expected])
     default = Detector(method="mutual", backbone="efficientnet_lite0", image_size=64)
     assert not np.allclose(scores, [p.score for p in default.zero_shot(inputs)], rtol=1e-3)
 

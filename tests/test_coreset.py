@@ -141,7 +141,7 @@ def test_streaming_rows_are_rows_of_the_input() -> None:
     bank = coreset.finish()
     everything = np.concatenate(chunks)
     distances = np.linalg.norm(bank[:, None] - everything[None], axis=-1).min(axis=1)
-    np.testing.assert_array_equal(distances, 0.0)
+    np.testing.assert_array_equal(distances, 0.0)  # kept points are copies: x - x is exactly 0
 
 
 def test_streaming_ratio_one_keeps_everything_in_order() -> None:
@@ -149,7 +149,7 @@ def test_streaming_ratio_one_keeps_everything_in_order() -> None:
     coreset = StreamingCoreset(ratio=1.0, max_size=100)
     for chunk in chunks:
         coreset.add(chunk)
-    np.testing.assert_array_equal(coreset.finish(), np.concatenate(chunks))
+    np.testing.assert_array_equal(coreset.finish(), np.concatenate(chunks))  # copies, not sums
 
 
 def test_streaming_keeps_at_least_one_row_per_chunk() -> None:
@@ -169,7 +169,7 @@ def test_streaming_keeps_a_rare_cluster() -> None:
             chunk[17] = rare
         coreset.add(chunk)
     bank = coreset.finish()
-    assert np.linalg.norm(bank - rare, axis=1).min() == 0.0
+    assert np.linalg.norm(bank - rare, axis=1).min() == 0.0  # kept as a copy: exactly 0 away
 
 
 def test_finish_without_data_raises() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 
 from normalcy.methods import create_method, method_from_state
 from normalcy.methods.fused import KNNGaussianFusion
@@ -34,8 +35,8 @@ def test_parts_are_the_knn_and_gaussian_scores_of_the_same_patches() -> None:
     query = _grids(1, seed=2)[0]
     parts = fusion.parts(query)
     assert parts.shape == (2, 6, 7) and parts.dtype == torch.float32
-    np.testing.assert_allclose(parts[0], knn.score(query), rtol=1e-5)
-    np.testing.assert_allclose(parts[1], gaussian.score(query), rtol=1e-5)
+    assert_close(parts[0], knn.score(query))
+    assert_close(parts[1], gaussian.score(query))
 
 
 def test_calibrated_parts_have_zero_mean_and_unit_spread_on_the_normal_images() -> None:
@@ -45,10 +46,10 @@ def test_calibrated_parts_have_zero_mean_and_unit_spread_on_the_normal_images() 
     values = np.concatenate([p.numpy().reshape(2, -1) for p in normal], axis=1)
     standardised = (values - fusion.part_mean_[:, None]) / fusion.part_std_[:, None]
     np.testing.assert_allclose(standardised.mean(axis=1), 0, atol=1e-6)
-    np.testing.assert_allclose(standardised.std(axis=1), 1, rtol=1e-6)
+    assert_close(standardised.std(axis=1), 1)
     expected = standardised.mean(axis=0)
     combined = np.concatenate([fusion.combine(p).numpy().ravel() for p in normal])
-    np.testing.assert_allclose(combined, expected, rtol=1e-5, atol=1e-6)
+    assert_close(combined, expected)
 
 
 def test_a_planted_patch_scores_highest() -> None:
@@ -71,7 +72,7 @@ def test_save_state_round_trip_gives_the_same_scores() -> None:
     fusion = _fitted(context_half=True, channels=2 * DIM)
     restored = method_from_state(fusion.name, fusion.get_params(), fusion.arrays())
     query = _grids(1, seed=5, channels=2 * DIM)[0]
-    np.testing.assert_allclose(restored.score(query), fusion.score(query), rtol=1e-6)
+    assert_close(restored.score(query), fusion.score(query))
     assert restored.get_params() == fusion.get_params()
 
 
@@ -80,16 +81,16 @@ def test_score_held_out_calibrates_on_the_held_out_grids_then_scores_them() -> N
     fusion = KNNGaussianFusion(coreset_ratio=1.0).fit(train)
     results = fusion.score_held_out(held_out)
     reference = _fitted()  # calibrated on the same held-out grids
-    np.testing.assert_allclose(fusion.part_mean_, reference.part_mean_, rtol=1e-6)
-    np.testing.assert_allclose(fusion.part_std_, reference.part_std_, rtol=1e-6)
+    assert_close(fusion.part_mean_, reference.part_mean_)
+    assert_close(fusion.part_std_, reference.part_std_)
     assert len(results) == len(held_out)
     for grid, result in zip(held_out, results, strict=True):
-        np.testing.assert_allclose(result.patches.numpy(), fusion.score(grid).numpy(), rtol=1e-6)
+        assert_close(result.patches.numpy(), fusion.score(grid).numpy())
         # the image is ranked by the kNN part alone
         np.testing.assert_allclose(result.ranking.numpy(), fusion.parts(grid)[0].numpy())
     query = _grids(1, seed=3)[0]
     (batch,) = fusion.score_batch([query])
-    np.testing.assert_allclose(batch.patches.numpy(), fusion.score(query).numpy(), rtol=1e-6)
+    assert_close(batch.patches.numpy(), fusion.score(query).numpy())
 
 
 def test_misuse_gives_clear_errors() -> None:

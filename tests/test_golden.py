@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_OPTIONS
+from conftest import FAST_OPTIONS, assert_close
 from PIL import Image
 
 from normalcy import Detector
@@ -38,7 +38,7 @@ def test_position_restricted_search_equals_brute_force_within_the_radius(radius:
     grid = rng.standard_normal((7, 9, 5)).astype(np.float32)
     method = GoldenTemplate(radius=radius).fit(list(references))
     scores = method.score_grid(torch.from_numpy(grid)).patches.numpy()
-    np.testing.assert_allclose(scores, _brute_force(references, grid, radius), rtol=1e-5)
+    assert_close(scores, _brute_force(references, grid, radius))
 
 
 def test_a_patch_found_elsewhere_in_the_reference_still_counts_as_misplaced() -> None:

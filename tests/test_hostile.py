@@ -19,6 +19,8 @@ import pytest
 from conftest import FAST_OPTIONS
 from PIL import Image
 
+pytestmark = pytest.mark.arithmetic_free  # its subject is not the numbers
+
 MEMORY_LIMIT_MB = 2048
 
 

@@ -82,7 +82,7 @@ def test_roc_curve_matches_sklearn_with_ties(seed):
     sk_fpr, sk_tpr, sk_thresholds = skm.roc_curve(labels, scores, drop_intermediate=False)
     np.testing.assert_allclose(fpr, sk_fpr)
     np.testing.assert_allclose(tpr, sk_tpr)
-    np.testing.assert_array_equal(thresholds, sk_thresholds)
+    np.testing.assert_array_equal(thresholds, sk_thresholds)  # both are the input scores
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
 
 
@@ -135,7 +135,7 @@ def test_pixel_metrics_leave_inputs_unchanged():
     pixel_auroc(masks, maps)
     aupro(masks, maps)
     for amap, copy in zip(maps, copies, strict=True):
-        np.testing.assert_array_equal(amap, copy)
+        np.testing.assert_array_equal(amap, copy)  # untouched memory
 
 
 @pytest.mark.parametrize("fpr_limit", [0.3, 0.05, 1.0])

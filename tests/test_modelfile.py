@@ -1,4 +1,6 @@
-"""Tests for normalcy.modelfile: atomic saves that never lose a model, validated loads."""
+"""Tests for normalcy.modelfile: atomic saves that never lose a model, validated loads.
+
+Arrays are stored and read back as bytes, so they are compared exactly."""
 
 from __future__ import annotations
 
@@ -306,6 +308,7 @@ def test_a_fifo_in_place_of_a_model_file_is_refused_without_hanging(
     assert "not a regular file" in str(error) and str(target) in str(error)
 
 
+@pytest.mark.arithmetic_free
 def test_saves_killed_at_any_moment_never_lose_the_model_for_a_racing_reader(
     tmp_path: Path,
 ) -> None:

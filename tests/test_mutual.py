@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 
 from normalcy.methods.mutual import (
     MutualScorer,
@@ -63,7 +64,7 @@ def test_scores_do_not_depend_on_image_order_or_block_size() -> None:
     order = np.random.default_rng(4).permutation(9)
     shuffled = _maps(MutualScorer(block_patches=100_000, **musc), [grids[i] for i in order])
     for position, original in enumerate(order):
-        np.testing.assert_allclose(shuffled[position], maps[original], rtol=1e-5, atol=1e-6)
+        assert_close(shuffled[position], maps[original])
 
 
 def test_a_large_batch_is_split_into_spread_sub_batches_whatever_its_order() -> None:
@@ -81,12 +82,12 @@ def test_a_large_batch_is_split_into_spread_sub_batches_whatever_its_order() -> 
     maps = _maps(scorer, grids)
     shuffled = _maps(scorer, [grids[i] for i in order])
     for position, original in enumerate(order):
-        np.testing.assert_allclose(shuffled[position], maps[original], rtol=1e-5, atol=1e-6)
+        assert_close(shuffled[position], maps[original])
     # each image is scored by its own sub-batch alone
     group = groups[0]
     alone = _maps(MutualScorer(precision="float32"), [grids[i] for i in group])
     for i, own in zip(group, alone, strict=True):
-        np.testing.assert_allclose(maps[i], own, rtol=1e-5, atol=1e-6)
+        assert_close(maps[i], own)
     assert scorer.n_blocks(grids) == 3
 
 
@@ -137,17 +138,14 @@ def test_mean_of_smallest_ignores_the_image_itself() -> None:
 def test_neighbourhood_features_are_unit_length_averages() -> None:
     grid = np.random.default_rng(0).standard_normal((4, 5, DIM)).astype(np.float32)
     single = neighbourhood_features(grid, 1)
-    np.testing.assert_allclose(
+    assert_close(
         single.numpy(),
         grid.reshape(-1, DIM) / np.linalg.norm(grid.reshape(-1, DIM), axis=1, keepdims=True),
-        rtol=1e-5,
     )
     pooled = neighbourhood_features(grid, 3)
     centre = grid[0:3, 0:3].reshape(-1, DIM).mean(axis=0)
-    np.testing.assert_allclose(
-        pooled[1 * 5 + 1].numpy(), centre / np.linalg.norm(centre), rtol=1e-5
-    )
-    np.testing.assert_allclose(torch.linalg.norm(pooled, dim=1).numpy(), 1.0, rtol=1e-5)
+    assert_close(pooled[1 * 5 + 1].numpy(), centre / np.linalg.norm(centre))
+    assert_close(torch.linalg.norm(pooled, dim=1).numpy(), 1.0)
 
 
 def test_rescoring_damps_an_isolated_high_score_among_look_alikes() -> None:
@@ -189,14 +187,14 @@ def test_score_batch_gives_the_patch_scores_and_with_rescoring_smoothed_image_sc
     scorer = MutualScorer(precision="float32")
     plain = scorer.score_batch(grids)
     for result, expected in zip(plain, scorer.patch_scores(grids), strict=True):
-        np.testing.assert_array_equal(result.patches.numpy(), expected.numpy())
+        assert_close(result.patches.numpy(), expected.numpy())
         assert result.ranking is None and result.image is None
     rescoring = MutualScorer(precision="float32", rescore_neighbours=2)
     rescored = rescoring.score_batch(grids)
     patches = [r.patches for r in rescored]
     for own, unsmoothed in zip(patches, plain, strict=True):  # re-scoring leaves the maps be
-        np.testing.assert_array_equal(own.numpy(), unsmoothed.patches.numpy())
+        assert_close(own.numpy(), unsmoothed.patches.numpy())
     ranked = np.array([image_score(score_map(p, rescoring.sigma)) for p in patches])
     features = np.stack([g.reshape(-1, DIM).mean(axis=0) for g in grids])
-    np.testing.assert_allclose([r.image for r in rescored], rescore(ranked, features, 2), rtol=1e-5)
+    assert_close([r.image for r in rescored], rescore(ranked, features, 2))
     assert all(isinstance(r.image, float) for r in rescored)

@@ -1,4 +1,6 @@
-"""Tests for normalcy.backbones.onnx_reader, on ONNX models encoded by a tiny protobuf writer."""
+"""Tests for normalcy.backbones.onnx_reader, on ONNX models encoded by a tiny protobuf writer.
+
+Weights are decoded from their stored bytes, not computed, so they are compared exactly."""
 
 from __future__ import annotations
 

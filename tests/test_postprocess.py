@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 from scipy import ndimage
 
 from normalcy.postprocess import (
@@ -33,7 +34,7 @@ def test_map_has_the_requested_size_and_float32(size: tuple[int, int]) -> None:
 
 def test_without_smoothing_a_constant_map_stays_constant() -> None:
     full = anomaly_map(np.full((4, 6), 2.5), (40, 60), sigma=0).numpy()
-    np.testing.assert_allclose(full, 2.5, rtol=1e-6)
+    assert_close(full, 2.5)
 
 
 def test_upsampling_is_bilinear_between_patch_centres() -> None:
@@ -59,10 +60,12 @@ def test_a_dense_grid_puts_each_patch_centre_at_its_place_in_the_image() -> None
 
 def test_a_dense_grid_keeps_a_constant_map_constant_up_to_the_edges() -> None:
     full = anomaly_map(np.full((7, 11), 1.5), (40, 60), sigma=SIGMA_AT_256, dense=True).numpy()
-    np.testing.assert_allclose(full, 1.5, rtol=1e-6)
+    assert_close(full, 1.5)
 
 
 # --- fill_gaps -----------------------------------------------------------------------------------
+# A closing only takes maxima and minima: it returns the inputs' own bits, never rounds, so its
+# results are compared exactly.
 
 
 def test_filling_lifts_the_inside_of_an_outline_to_the_outline() -> None:
@@ -156,7 +159,7 @@ def test_fill_gaps_equals_scipy_grey_closing_with_nearest_edges(width: int) -> N
     filled = fill_gaps(torch.from_numpy(patches), width)
     assert filled.shape == patches.shape and filled.dtype == torch.float32
     expected = ndimage.grey_closing(patches, size=(width, width), mode="nearest")
-    np.testing.assert_array_equal(filled.numpy(), expected)
+    np.testing.assert_array_equal(filled.numpy(), expected)  # maxima of minima: no rounding
 
 
 @pytest.mark.parametrize("shape", [(6, 9), (1, 1), (14, 5)])
@@ -181,9 +184,10 @@ def test_resize_map_gives_a_float32_array_of_the_size_and_keeps_a_constant_const
     resized = resize_map(constant, size)
     assert isinstance(resized, np.ndarray) and resized.dtype == np.float32
     assert resized.shape == size
-    np.testing.assert_allclose(resized, 0.75, rtol=1e-6)
+    assert_close(resized, 0.75)
     varied = score_map(torch.rand(6, 8), SIGMA_AT_256)
     assert resize_map(varied, size).shape == size
+    # To its own size each pixel's weights are 1 and 0: the values come back bit for bit.
     np.testing.assert_array_equal(resize_map(varied, tuple(varied.shape)), varied.numpy())
 
 
@@ -205,10 +209,10 @@ def test_a_tiled_image_scores_as_its_worst_tile_would_alone() -> None:
     large = np.zeros((112, 140), dtype=np.float32)  # an image 4 x 5 tiles large
     large[56:84, 28:56] = tile
     one_tile = ranking_score(tile, SIGMA_AT_256)
-    assert ranking_score(large, SIGMA_AT_256, cells=28) == pytest.approx(one_tile, rel=1e-4)
+    assert_close(ranking_score(large, SIGMA_AT_256, cells=28), one_tile)
     # Smoothed and averaged at the image's scale instead, the defect all but vanishes.
     assert ranking_score(large, SIGMA_AT_256) < 0.2 * one_tile
-    assert ranking_score(tile, SIGMA_AT_256, cells=28) == one_tile  # a grid of one tile
+    assert_close(ranking_score(tile, SIGMA_AT_256, cells=28), one_tile)  # a grid of one tile
 
 
 @pytest.mark.parametrize(("grid", "size"), [((16, 21), (480, 640)), ((40, 30), (37, 25))])
@@ -223,6 +227,7 @@ def test_resize_map_is_torchs_bilinear_resize_and_its_bands_are_its_rows(
     assert whole.dtype == np.float32
     np.testing.assert_allclose(whole, expected, atol=1e-5)  # float32 rounding of the weights
     bands = [resize_map(scale_map, size, (r, min(r + 7, size[0]))) for r in range(0, size[0], 7)]
+    # A row's weights and sums do not depend on the band it is made in: the same bits.
     np.testing.assert_array_equal(np.concatenate(bands), whole)
     with pytest.raises(ValueError, match="outside a map"):
         resize_map(scale_map, size, (0, size[0] + 1))

@@ -23,6 +23,8 @@ import pytest
 from normalcy.cli import main
 from normalcy.synthetic import make_demo_dataset
 
+pytestmark = pytest.mark.arithmetic_free  # its subject is not the numbers
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MAX_CHARS = 15_000

@@ -27,6 +27,7 @@ from normalcy.backbones.tiles import TILE_MARGIN, stitch, tile_origins, tiled_si
 from normalcy.backbones.weights import WeightsNotFoundError
 
 __all__ = [
+    "PRECISION_ENV",
     "BACKBONES",
     "PRECISIONS",
     "Backbone",
@@ -43,6 +44,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # "auto": bfloat16 where the device multiplies it in hardware, else float32.
 PRECISIONS = ("auto", "float32", "bfloat16")
+# Names the arithmetic that "auto" means on every device of this process and its workers: one
+# precision across a fleet of mixed CPUs, or the other arithmetic path checked by the tests.
+PRECISION_ENV = "NORMALCY_PRECISION"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # The backbone input's long side is at most this many times `image_size`: it bounds the cost of
 # an image, whatever its aspect ratio.
@@ -62,11 +66,16 @@ def native_bfloat16() -> bool:
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
     """The arithmetic to run, "float32" or "bfloat16", for a requested precision; "auto"
     is decided for the device: bfloat16 on CPUs with bfloat16 instructions and on CUDA
-    devices that support it, float32 elsewhere."""
+    devices that support it, float32 elsewhere, unless $NORMALCY_PRECISION names one."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
+    chosen = os.environ.get(PRECISION_ENV, "auto").strip() or "auto"
+    if chosen not in PRECISIONS:
+        raise ValueError(f"${PRECISION_ENV} must be one of {PRECISIONS}, got {chosen!r}")
+    if chosen != "auto":
+        return chosen
     kind = torch.device(device).type
     if kind == "cpu":
         return "bfloat16" if native_bfloat16() else "float32"
