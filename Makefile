@@ -21,17 +21,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/normalcy demo
 
-# The suite runs in the arithmetic `--precision auto` gives on this CPU, then its tests of numbers
-# again in the other one, so that float32 and bfloat16 are both checked on any CPU. float32 runs
-# with torch's and MKL's kernels held to AVX2, as on CPUs without AVX-512.
-OTHER_PRECISION = $(shell env -u NORMALCY_PRECISION $(BIN)/python -c "from normalcy.backbones \
+# The suite runs in the arithmetic `--precision auto` gives here ($NORMALCY_PRECISION can name
+# it), then its tests of numbers again in the other one, so that float32 and bfloat16 are both
+# checked on any CPU. That float32 pass holds torch's and MKL's kernels to AVX2, as on CPUs
+# without AVX-512.
+OTHER_PRECISION = $(shell $(BIN)/python -c "from normalcy.backbones \
 	import resolve_precision; print({'bfloat16': 'float32'}.get(resolve_precision('auto'), 'bfloat16'))")
 AVX2_ONLY = ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
 test: $(STAMP) browser
 	$(BIN)/ruff check normalcy tests benchmarks
 	$(BIN)/pytest -q
-	@echo "Again in $(OTHER_PRECISION), the precision auto does not give on this CPU:"
+	@echo "Again in $(OTHER_PRECISION), the other precision:"
 	env NORMALCY_PRECISION=$(OTHER_PRECISION) $(if $(filter float32,$(OTHER_PRECISION)),$(AVX2_ONLY)) \
 		$(BIN)/pytest -q -m "not integration and not arithmetic_free"
 
