@@ -1,7 +1,7 @@
 """The README's results and speed tables, generated from the benchmark JSON in bench-results/.
 
-Results: one row per data set and setting (the defaults on every data set, the documented
-board settings on DeepPCB, zero-shot and few-shot where their JSON exists), each from the
+Results: one row per data set and setting (the default on every data set, the named
+fine-detail settings on DeepPCB, zero-shot and few-shot where their JSON exists), each from the
 JSON of `benchmarks/run.py` that covers the most test images (the full test set where one
 was run), and how to reproduce each. Speed: `benchmarks/speed.py`'s JSON, the
 library's own path (speed.json, and speed-cuda.json on a GPU) and exported models on each
@@ -40,7 +40,7 @@ class DataSet:
 
 
 @dataclass(frozen=True)
-class Setting:
+class Shown:
     row: str  # a row of benchmarks/run.py
     label: str
     data_sets: tuple[str, ...]
@@ -52,13 +52,13 @@ DATA_SETS = (
 )
 BOTH = tuple(d.name for d in DATA_SETS)
 SETTINGS = (
-    Setting("dinov2-224-full", "defaults", BOTH),
-    Setting("lite0-224-tiles2-nocontext-noclosing", "boards", ("DeepPCB",)),
-    Setting("lite0-224-tiles2-block10", "boards, outlines", ("DeepPCB",)),
+    Shown("dinov2-224-full", "`default`", BOTH),
+    Shown("lite0-224-tiles2-nocontext-noclosing", "`fine-detail`", ("DeepPCB",)),
+    Shown("lite0-224-tiles2-block10", "`fine-detail-outline`", ("DeepPCB",)),
     # Shown only where their JSON exists.
-    Setting("dinov2-224-mutual", "zero-shot", BOTH),
-    Setting("dinov2-224-1shot", "1-shot", BOTH),
-    Setting("dinov2-224-4shot", "4-shot", BOTH),
+    Shown("dinov2-224-mutual", "zero-shot", BOTH),
+    Shown("dinov2-224-1shot", "1-shot", BOTH),
+    Shown("dinov2-224-4shot", "4-shot", BOTH),
 )
 QUALITY = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 SUBSAMPLE = re.compile(r"-train(\d+)of(\d+)-test(\d+)of(\d+)$")

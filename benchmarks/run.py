@@ -73,11 +73,12 @@ def _rows() -> dict[str, list[str]]:
     # Small defects on large images: the stride-8 grid on tiles at 1x and 2x the image's size.
     rows["lite0-224-tiles1"] = [*lite, "--tile-scale", "1"]
     rows["lite0-224-tiles2"] = [*lite, "--tile-scale", "2"]
-    small = [*lite, "--tile-scale", "2", "--context", "0"]
-    rows["lite0-224-tiles2-nocontext"] = small
-    rows["lite0-224-tiles2-nocontext-noclosing"] = [*small, "--closing", "1"]
-    # ... with the stride-16 block alone: broader responses that cover a defect's extent.
-    rows["lite0-224-tiles2-block10"] = [*small, "--closing", "1", "--layers", "10"]
+    rows["lite0-224-tiles2-nocontext"] = [*lite, "--tile-scale", "2", "--context", "0"]
+    # The named settings for fine detail (normalcy.setting.SETTINGS): tiles at 2x without
+    # context or gap filling; and with the stride-16 block alone, whose broader responses
+    # cover a defect's extent.
+    rows["lite0-224-tiles2-nocontext-noclosing"] = ["--setting", "fine-detail"]
+    rows["lite0-224-tiles2-block10"] = ["--setting", "fine-detail-outline"]
     return rows
 
 

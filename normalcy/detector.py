@@ -17,37 +17,23 @@ import numpy as np
 from tqdm import tqdm
 
 from normalcy import __version__, fitting, saving
-from normalcy.backbones import (
-    MAX_IMAGE_SIZE,
-    Backbone,
-    create_backbone,
-    resolve_device,
-    resolve_precision,
-)
+from normalcy.backbones import Backbone, create_backbone, resolve_device, resolve_precision
 from normalcy.data import ImageInput, ImageLoadError
 from normalcy.inputs import LoadedImage, expand_inputs
-from normalcy.methods import create_method
 from normalcy.methods.base import Method
-from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.methods.golden import GoldenTemplate
 from normalcy.methods.mutual import MutualScorer
-from normalcy.modelfile import MAX_CLOSING, MAX_CONTEXT, MAX_TILE_SCALE
 from normalcy.pipeline import MapSettings, Pipeline
-from normalcy.postprocess import SIGMA_AT_256
 from normalcy.prediction import Prediction, gathered
+from normalcy.setting import Setting, resolve_setting
 from normalcy.zero_shot import zero_shot
 
 log = logging.getLogger("normalcy")
 
 MUTUAL = MutualScorer.name
 GOLDEN = GoldenTemplate.name
-FUSED = KNNGaussianFusion.name
 # Up to this many normal images, few-shot mode (every image in the bank, augmented) is chosen.
 FEW_SHOT_MAX = 16
-# Weight of the image-context half of each patch descriptor (see `aggregate`) when the user
-# gives none: equal to the appearance half for patch kNN, off for the methods it was not
-# measured with.
-DEFAULT_CONTEXT = {"patchknn": 1.0, FUSED: 1.0}
 ZERO_SHOT_HINT = (
     "with no normal images, score a batch of images against each other instead: "
     "normalcy predict --zero-shot INPUT_DIR -o OUT"
@@ -63,32 +49,22 @@ def choose_setting(n_normal: int) -> tuple[str, int | None]:
 
 
 def check_params(
-    method: str,
-    image_size: int,
+    setting: Setting,
     shots: int | None,
     fpr: float,
-    sigma: float,
     batch_size: int,
-    context: float | None,
     dense_map: bool,
-    closing: int,
-    upsample: str,
     precision: str,
-    low_variance_fraction: float | None,
     device: str,
-    tile_scale: float | None,
     **_: Any,
 ) -> None:
-    """Refuse a setting that cannot work, naming it, before any long work starts."""
-    if not 1 <= image_size <= MAX_IMAGE_SIZE:
-        raise ValueError(f"image_size must be from 1 to {MAX_IMAGE_SIZE}, got {image_size}")
-    if tile_scale is not None and not 0 < tile_scale <= MAX_TILE_SCALE:
-        raise ValueError(f"tile_scale must be in (0, {MAX_TILE_SCALE}] or None, got {tile_scale}")
-    if method == GOLDEN and dense_map:
+    """Refuse what cannot work with the setting (checked itself by `Setting`), naming it,
+    before any long work starts."""
+    if setting.method == GOLDEN and dense_map:
         raise ValueError("golden templates compare grids of the references' shape: no dense map")
-    if tile_scale is not None and dense_map:
+    if setting.tile_scale is not None and dense_map:
         raise ValueError("the dense map is not available with tiles")
-    if method == GOLDEN and shots is not None:
+    if setting.method == GOLDEN and shots is not None:
         raise ValueError(
             "golden templates compare each image with every reference as it is, aligned: "
             "give the references without --shots (they are not augmented)"
@@ -97,112 +73,80 @@ def check_params(
         raise ValueError(f"shots must be at least 1, got {shots}")
     if not 0 <= fpr < 1:
         raise ValueError(f"fpr must be in [0, 1), got {fpr}")
-    if context is not None and not 0 <= context <= MAX_CONTEXT:
-        raise ValueError(f"context must be from 0 to {MAX_CONTEXT}, got {context}")
-    if not 1 <= closing <= MAX_CLOSING:
-        raise ValueError(
-            f"closing must be at least 1 patch (1 = off), at most {MAX_CLOSING}, got {closing}"
-        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    MapSettings(sigma, closing, upsample)  # an unknown upsampling
     resolve_precision(precision)  # an unknown name
     resolve_device(device)  # an unknown or absent device
-    if low_variance_fraction is not None:
-        if method != "gaussian":
-            raise ValueError(
-                f"low_variance_fraction is an option of the gaussian method, not {method!r}"
-            )
-        create_method(method, low_variance_fraction=low_variance_fraction)  # outside (0, 1]
 
 
 class Detector:
     """Anomaly detector over frozen backbone features.
 
-    backbone, image_size, layers: the feature extractor (short side resized to image_size).
-    method: "patchknn" (nearest normal patch), "gaussian" (Mahalanobis distance),
-        "patchknn+gaussian" (both, standardised on held-out normal images and averaged;
-        full-shot only), or "mutual" (zero-shot: no fit, use `zero_shot`).
+    setting: what decides features and scores (backbone, input size or tiles, layers, method,
+        map making): a `Setting`, or the name of one in `normalcy.setting.SETTINGS`
+        ("default": DINOv2 at 224 px, patch kNN). Keyword arguments named after its fields
+        (`backbone=`, `image_size=`, `method=`, `tile_scale=`, ...) change those fields.
     shots: few-shot mode; None uses every normal image given to `fit`.
     augment: in few-shot mode, add rotated and mirrored views of the references.
     fpr: target false-positive rate on held-out normal images for the decision threshold.
     threshold: a fixed image-score threshold instead (overrides fpr).
     scorer: the zero-shot scorer for method "mutual" (default: `MutualScorer` in `precision`).
-    context: weight of each patch's difference from its image's median patch, appended to
-        its features (0 = off; None: 1 for the patch-kNN methods, 0 for the others).
     dense_map: draw maps from a half-stride grid (three more shifted backbone passes and four
         times the patches searched, about 4x the predict time) for finer outlines; image
         scores, decisions and the fit are the same either way, so it may be switched on a
         fitted or loaded detector.
-    closing: width in patches of the grey-level closing applied to patch scores before they
-        become a map (1 = off): fills the inside of broad defects that light up only at their
-        outline. Maps and masks only; image scores come from the unfilled map.
-    upsample: how patch scores are upsampled into the map users see, "bicubic" (sharper
-        peaks between patch centres: small defects outlined more tightly) or "bilinear".
-        Maps and masks only; image scores always come from the bilinear map.
     precision: the arithmetic of the backbone and the nearest-neighbour search: "float32",
         "bfloat16", or "auto" (bfloat16 where the device has bfloat16 instructions, where it
         is faster; float32 elsewhere). The search re-measures its candidates in float32.
-    low_variance_fraction: gaussian only: keep only the principal components of smallest
-        variance that hold this share of the variance (Rippel et al.); None keeps all.
     device: "auto" (CUDA, then MPS, then the CPU), "cpu", "cuda", "cuda:N" or "mps": where
         the backbone, the search and the maps run. A saved model loads on any device.
     """
 
     def __init__(
         self,
-        backbone: str = "dinov2_vits14",
-        method: str = "patchknn",
-        image_size: int = 224,
-        layers: Sequence[int] | None = None,
+        setting: str | Setting = "default",
         shots: int | None = None,
         augment: bool = True,
-        coreset_ratio: float = 0.1,
-        max_bank_size: int = 10_000,
         fpr: float = 0.01,
         threshold: float | None = None,
-        sigma: float = SIGMA_AT_256,
         batch_size: int = 8,
         weights: str | os.PathLike | None = None,
         progress: bool = False,
         seed: int = 0,
         scorer: MutualScorer | None = None,
-        context: float | None = None,
         dense_map: bool = False,
-        closing: int = 3,
-        upsample: str = "bicubic",
         precision: str = "auto",
-        low_variance_fraction: float | None = None,
         device: str = "auto",
-        tile_scale: float | None = None,
+        **changes: Any,
     ) -> None:
-        params = {name: value for name, value in locals().items() if name != "self"}
+        params = {
+            name: value for name, value in locals().items() if name not in ("self", "changes")
+        }
+        params["setting"] = resolve_setting(setting, changes)
         check_params(**params)
-        # Parameters as given, one attribute each (scikit-learn's convention).
+        # Parameters, one attribute each (scikit-learn's convention); the setting resolved.
         vars(self).update(params)
-        self.layers = tuple(layers) if layers else None
 
     def get_params(self) -> dict[str, Any]:
-        """The constructor's parameters, as given: `Detector(**d.get_params())` is an unfitted
-        copy (how workers of a distributed fit rebuild it)."""
+        """The constructor's parameters: `Detector(**d.get_params())` is an unfitted copy (how
+        workers of a distributed fit rebuild it)."""
         names = inspect.signature(Detector.__init__).parameters
-        return {name: getattr(self, name) for name in names if name != "self"}
+        return {name: getattr(self, name) for name in names if name not in ("self", "changes")}
 
     # ----------------------------------------------------------------- features
     def backbone_model(self) -> Backbone:
-        """The feature extractor in this detector's settings (made on first use)."""
+        """The feature extractor in this detector's setting (made on first use)."""
         if getattr(self, "backbone_", None) is None:
+            setting = self.setting
             self.backbone_ = create_backbone(
-                self.backbone,
-                self.image_size,
-                self.layers,
+                setting.backbone,
+                setting.image_size,
+                setting.layers,
                 weights=self.weights,
-                context=DEFAULT_CONTEXT.get(self.method, 0.0)
-                if self.context is None
-                else self.context,
+                context=setting.context_weight,
                 precision=self.precision,
                 device=self.device,
-                tile_scale=self.tile_scale,
+                tile_scale=setting.tile_scale,
             )
         return self.backbone_
 
@@ -213,8 +157,9 @@ class Detector:
 
     def map_settings(self) -> MapSettings:
         """How this detector's patch scores become maps and image scores."""
+        setting = self.setting
         return MapSettings(
-            self.sigma, self.closing, self.upsample, self.backbone_model().tile_cells
+            setting.sigma, setting.closing, setting.upsample, self.backbone_model().tile_cells
         )
 
     def pipeline(self, method: Method | None = None, dense: bool | None = None) -> Pipeline:
@@ -258,7 +203,7 @@ class Detector:
 
     def mutual_scorer(self) -> MutualScorer:
         """The zero-shot scorer: `scorer`, or the default one in this detector's settings."""
-        return self.scorer or MutualScorer(precision=self.precision, sigma=self.sigma)
+        return self.scorer or MutualScorer(precision=self.precision, sigma=self.setting.sigma)
 
     # ------------------------------------------------------------------- predict
     def _check_fitted(self) -> None:
@@ -337,11 +282,11 @@ class Detector:
     def describe(self) -> dict[str, Any]:
         """What the service lists about a model."""
         return {
-            "backbone": self.backbone,
-            "method": self.method,
+            "backbone": self.setting.backbone,
+            "method": self.setting.method,
             "shots": self.shots,
             "threshold": self.threshold_,
-            "image_size": self.image_size,
+            "image_size": self.setting.image_size,
             "version": getattr(self, "normalcy_version_", __version__),
             "runtime": "torch",
         }

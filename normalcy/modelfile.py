@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as dump_arrays
 
-from normalcy.backbones import MAX_IMAGE_SIZE
+from normalcy.setting import Setting
 
 try:
     import fcntl
@@ -40,16 +40,15 @@ except ImportError:  # Windows: saves to one folder are not serialised there
     fcntl = None  # type: ignore[assignment]
 
 MODEL_FORMAT = "normalcy-model"
-# 2: the arrays file is named in config.json ("arrays"); 1: it was always method.safetensors.
-MODEL_FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: the setting is one object ("setting"); 2: its fields were spread over "backbone",
+# "method" and the top level, and the arrays file is named in config.json ("arrays"); 1: it
+# was always method.safetensors.
+MODEL_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG = "config.json"
 LEGACY_ARRAYS = "method.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
-# The largest settings a model may carry (Detector refuses larger ones before a fit).
-MAX_CONTEXT = 100
-MAX_CLOSING = 15
-MAX_TILE_SCALE = 16
+_REQUIRED = object()  # a config key with no default: models have always held it
 _ARRAYS_NAME = re.compile(r"method-[0-9a-f]{16}\.safetensors")
 _CONFIG_TEMPORARY = re.compile(r"\.config\.json\.tmp-[0-9a-f]{16}")
 READ_ATTEMPTS = 3  # a reader overtaken by this many saves in a row gives up
@@ -221,7 +220,43 @@ def read_config(folder: Path) -> dict[str, Any]:
         )
     if version == 1:
         config.setdefault("arrays", LEGACY_ARRAYS)
+    if version in (1, 2):
+        _upgrade_setting(config, path)
     return _checked(config, path)
+
+
+# Fields of the setting in formats 1 and 2: (where they were, the value models saved before
+# the field existed were fitted with).
+_LEGACY_SETTING: dict[str, tuple[tuple[str, ...], Any]] = {
+    "backbone": (("backbone", "name"), _REQUIRED),
+    "image_size": (("backbone", "image_size"), _REQUIRED),
+    "layers": (("backbone", "layers"), _REQUIRED),
+    "context": (("backbone", "context"), 0.0),
+    "tile_scale": (("backbone", "tile_scale"), None),
+    "method": (("method", "name"), _REQUIRED),
+    "coreset_ratio": (("method", "params", "coreset_ratio"), 0.1),
+    "max_bank_size": (("method", "params", "max_bank_size"), 10_000),
+    "low_variance_fraction": (("method", "params", "low_variance_fraction"), None),
+    "closing": (("closing",), 1),
+    "sigma": (("sigma",), _REQUIRED),
+    "upsample": (("upsample",), "bilinear"),
+}
+
+
+def _upgrade_setting(config: dict[str, Any], path: Path) -> None:
+    """Gather a format 1 or 2 config's setting fields into "setting", as format 3 holds them."""
+    setting = {}
+    for field, (keys, default) in _LEGACY_SETTING.items():
+        parent = config
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and keys[-1] in parent:
+            setting[field] = parent.pop(keys[-1]) if keys[0] != "method" else parent[keys[-1]]
+        elif default is _REQUIRED:
+            raise ModelFileError(path, f"{'.'.join(keys)!r} is missing")
+        else:
+            setting[field] = default
+    config["setting"] = setting
 
 
 def _read_regular(path: Path, limit: int | None = None) -> bytes:
@@ -257,7 +292,6 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------- the schema
 Check = Callable[[Any], bool]
-_REQUIRED = object()
 
 
 def _integer(low: int, high: int | None = None) -> Check:
@@ -289,10 +323,6 @@ def _is(kind: type) -> Check:
     return lambda v: isinstance(v, kind)
 
 
-def _layers(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(_integer(0, 64)(v) for v in value)
-
-
 def _size(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(_integer(1)(v) for v in value)
 
@@ -304,16 +334,9 @@ SCHEMA: dict[tuple[str, ...], tuple[Check, str, Any]] = {
         "the name of an arrays file in the model folder",
         _REQUIRED,
     ),
+    ("setting",): (_is(dict), "an object", _REQUIRED),
     ("backbone",): (_is(dict), "an object", _REQUIRED),
-    ("backbone", "name"): (_is(str), "a backbone name", _REQUIRED),
-    ("backbone", "image_size"): (
-        _integer(8, MAX_IMAGE_SIZE),
-        f"an integer from 8 to {MAX_IMAGE_SIZE}",
-        _REQUIRED,
-    ),
-    ("backbone", "layers"): (_layers, "a non-empty list of layer numbers", _REQUIRED),
     ("backbone", "pool"): (_integer(1, 15), "an integer from 1 to 15", _REQUIRED),
-    ("backbone", "context"): (_number(0, MAX_CONTEXT), f"a number from 0 to {MAX_CONTEXT}", 0.0),
     # Saved before the option existed: fitted in float32, so scores stay the same.
     ("backbone", "precision"): (
         _one_of("auto", "float32", "bfloat16"),
@@ -321,22 +344,12 @@ SCHEMA: dict[tuple[str, ...], tuple[Check, str, Any]] = {
         "float32",
     ),
     ("backbone", "weights_fingerprint"): (_is(str), "a string", _REQUIRED),
-    # Saved before tiling existed: whole images.
-    ("backbone", "tile_scale"): (
-        _optional(_number(0.01, MAX_TILE_SCALE)),
-        f"null or a number from 0.01 to {MAX_TILE_SCALE}",
-        None,
-    ),
     ("method",): (_is(dict), "an object", _REQUIRED),
-    ("method", "name"): (_is(str), "a method name", _REQUIRED),
     ("method", "params"): (_is(dict), "an object", _REQUIRED),
     ("shots",): (_optional(_integer(1)), "null or a positive integer", _REQUIRED),
     ("augment",): (_is(bool), "true or false", _REQUIRED),
     ("fpr",): (_number(0, below=1), "a number in [0, 1)", _REQUIRED),
-    ("sigma",): (_number(0, 1000), "a number from 0 to 1000", _REQUIRED),
     ("dense_map",): (_is(bool), "true or false", False),
-    ("closing",): (_integer(1, MAX_CLOSING), f"an integer from 1 to {MAX_CLOSING}", 1),
-    ("upsample",): (_one_of("bilinear", "bicubic"), "bilinear or bicubic", "bilinear"),
     ("threshold",): (_optional(_number(-math.inf)), "null or a finite number", _REQUIRED),
     ("threshold_source",): (_optional(_is(str)), "null or a string", _REQUIRED),
     ("pixel_threshold",): (_optional(_number(-math.inf)), "null or a finite number", _REQUIRED),
@@ -372,4 +385,8 @@ def _checked(config: dict[str, Any], path: Path) -> dict[str, Any]:
             raise ModelFileError(
                 path, f"{name!r} must be {expected}, got {json.dumps(parent[keys[-1]])[:80]}"
             )
+    try:
+        Setting.from_json(config["setting"])
+    except (TypeError, ValueError) as error:
+        raise ModelFileError(path, f"'setting': {error}") from None
     return config

@@ -21,6 +21,7 @@ from normalcy.modelfile import (
     read_model,
     save_model,
 )
+from normalcy.setting import Setting
 
 if TYPE_CHECKING:
     from normalcy.detector import Detector
@@ -36,30 +37,26 @@ def weights_fingerprint(backbone: Backbone) -> str:
 
 
 def model_config(detector: Detector) -> dict[str, Any]:
-    """The model folder's config: the settings and the fitted thresholds (`config.json`)."""
+    """The model folder's config: the setting (its layers and context weight as the backbone
+    resolved them, so a later default cannot change the model), how it was fitted and its
+    thresholds (`config.json`)."""
     backbone = detector.backbone_
+    setting = detector.setting.replace(layers=backbone.layers, context=backbone.context)
     return {
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
         "normalcy_version": __version__,
+        "setting": setting.to_json(),
         "backbone": {
-            "name": detector.backbone,
-            "image_size": detector.image_size,
-            "layers": list(backbone.layers),
             "pool": backbone.pool,
-            "context": backbone.context,
             "precision": detector.precision,
             "weights_fingerprint": weights_fingerprint(backbone),
-            "tile_scale": detector.tile_scale,
         },
-        "method": {"name": detector.method, "params": detector.method_.get_params()},
+        "method": {"params": detector.method_.get_params()},
         "shots": detector.shots,
         "augment": detector.augment,
         "fpr": detector.fpr,
-        "sigma": detector.sigma,
         "dense_map": detector.dense_map,
-        "closing": detector.closing,
-        "upsample": detector.upsample,
         "threshold": detector.threshold_,
         "threshold_source": detector.threshold_source_,
         "pixel_threshold": detector.pixel_threshold_,
@@ -86,35 +83,24 @@ def load_detector(
 ) -> Detector:
     """The detector saved in `path` (see `Detector.load`)."""
     config, arrays, arrays_file = read_model(path)
+    setting = Setting.from_json(config["setting"])  # checked by read_model
     backbone = config["backbone"]
-    method = config["method"]
-    params = method["params"]
+    params = config["method"]["params"]
     if precision is not None and "precision" in params:  # the search's, as the backbone's
         params = {**params, "precision": precision}
     try:
         detector = cls(
-            backbone=backbone["name"],
-            method=method["name"],
-            coreset_ratio=params.get("coreset_ratio", 0.1),
-            max_bank_size=params.get("max_bank_size", 10_000),
+            setting,
             seed=params.get("seed", 0),
-            image_size=backbone["image_size"],
-            layers=backbone["layers"],
             shots=config["shots"],
             augment=config["augment"],
             fpr=config["fpr"],
-            sigma=config["sigma"],
             weights=weights,
-            context=backbone["context"],
             dense_map=config["dense_map"],
-            closing=config["closing"],
-            upsample=config["upsample"],
             precision=precision or backbone["precision"],
-            low_variance_fraction=params.get("low_variance_fraction"),
             device=device,
-            tile_scale=backbone["tile_scale"],
         )
-        detector.method_ = method_from_state(method["name"], params, arrays)
+        detector.method_ = method_from_state(setting.method, params, arrays)
         calibration = config["calibration"]
         detector.calibration_ = None if calibration is None else Calibration(**calibration)
     except (TypeError, ValueError) as error:
@@ -128,19 +114,19 @@ def load_detector(
     detector.input_size_ = config["input_size"]
     detector.normalcy_version_ = config.get("normalcy_version")
     detector.backbone_ = create_backbone(
-        backbone["name"],
-        backbone["image_size"],
-        tuple(backbone["layers"]),
+        setting.backbone,
+        setting.image_size,
+        setting.layers,
         pool=backbone["pool"],
         weights=weights,
-        context=detector.context,
+        context=setting.context_weight,
         precision=detector.precision,
         device=device,
-        tile_scale=detector.tile_scale,
+        tile_scale=setting.tile_scale,
     )
     if weights_fingerprint(detector.backbone_) != backbone["weights_fingerprint"]:
         raise ValueError(
-            f"{path} was fitted with other {backbone['name']} weights than the ones found "
+            f"{path} was fitted with other {setting.backbone} weights than the ones found "
             "now; its memory bank would not match these features. Pass the original weights."
         )
     expected = detector.method_.n_features_in_
@@ -148,6 +134,6 @@ def load_detector(
     if expected != found:
         raise ModelFileError(
             arrays_file,
-            f"holds {expected}-dim features; {backbone['name']} with this config gives {found}",
+            f"holds {expected}-dim features; {setting.backbone} with this config gives {found}",
         )
     return detector

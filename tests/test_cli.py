@@ -57,10 +57,10 @@ def _test_images(dataset: Path) -> list[Path]:
 def test_fit_writes_a_model_directory(model: Path) -> None:
     config = json.loads((model / "config.json").read_text())
     assert sorted(p.name for p in model.iterdir()) == ["config.json", config["arrays"]]
-    assert config["backbone"]["name"] == "efficientnet_lite0"
-    assert config["backbone"]["image_size"] == 64
+    assert config["setting"]["backbone"] == "efficientnet_lite0"
+    assert config["setting"]["image_size"] == 64
     assert config["n_train"] == 12 and config["threshold"] is not None
-    assert config["backbone"]["context"] == 1.0  # the patch kNN default
+    assert config["setting"]["context"] == 1.0  # the patch kNN default
     assert config["dense_map"] is False  # the default
 
 
@@ -78,10 +78,13 @@ def test_fit_reports_where_it_saved(
 @pytest.mark.parametrize(
     ("option", "keys", "expected"),
     [
-        (["--context", "0.5"], ["backbone", "context"], 0.5),
+        (["--context", "0.5"], ["setting", "context"], 0.5),
         (["--dense-map"], ["dense_map"], True),
-        (["--closing", "5"], ["closing"], 5),
-        (["--sigma", "2.5"], ["sigma"], 2.5),
+        (["--closing", "5"], ["setting", "closing"], 5),
+        (["--sigma", "2.5"], ["setting", "sigma"], 2.5),
+        (["--max-bank-size", "50"], ["setting", "max_bank_size"], 50),
+        (["--coreset-ratio", "0.5"], ["setting", "coreset_ratio"], 0.5),
+        (["--setting", "fine-detail"], ["setting", "tile_scale"], 2.0),
         (["--precision", "float32"], ["backbone", "precision"], "float32"),
     ],
 )
@@ -357,7 +360,7 @@ def test_fit_without_a_method_picks_few_shot_for_few_images(
         (train / path.name).write_bytes(path.read_bytes())
     assert main(["fit", str(train), "-o", str(tmp_path / "m"), *FAST]) == 0
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["shots"] == 3 and config["method"]["name"] == "patchknn"
+    assert config["shots"] == 3 and config["setting"]["method"] == "patchknn"
     assert "3-shot" in capsys.readouterr().err
 
 
@@ -402,8 +405,8 @@ def test_installed_entry_point_prints_the_version() -> None:
 
 def test_low_variance_reaches_the_gaussian_and_is_refused_for_other_methods() -> None:
     args = build_parser().parse_args(["eval", "data", "--method", "all", "--low-variance", "0.05"])
-    assert fitted_detector_from(args, "gaussian").low_variance_fraction == 0.05
-    assert fitted_detector_from(args, "patchknn").low_variance_fraction is None
+    assert fitted_detector_from(args, "gaussian").setting.low_variance_fraction == 0.05
+    assert fitted_detector_from(args, "patchknn").setting.low_variance_fraction is None
     args = build_parser().parse_args(
         ["fit", "data", "-o", "m", "--method", "patchknn", "--low-variance", "0.05"]
     )

@@ -92,6 +92,21 @@ def _copy_model(saved: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def _format_2_config(model: Path) -> dict:
+    """The model's config.json as format 2 held it, the setting's fields spread over
+    "backbone", "method" and the top level (the layout of models saved before format 3)."""
+    config = json.loads((model / "config.json").read_text())
+    setting = config.pop("setting")
+    config["format_version"] = 2
+    for key in ("image_size", "layers", "context", "tile_scale"):
+        config["backbone"][key] = setting[key]
+    config["backbone"]["name"] = setting["backbone"]
+    config["method"]["name"] = setting["method"]
+    for key in ("sigma", "closing", "upsample"):
+        config[key] = setting[key]
+    return config
+
+
 def _edit_config(model: Path, **changes: object) -> None:
     config = json.loads((model / "config.json").read_text())
     for dotted, value in changes.items():
@@ -367,7 +382,7 @@ def test_a_model_saved_before_the_context_option_loads_without_it(
 ) -> None:
     detector = Detector(**OPTIONS, context=0.0).fit(data["train"])
     model = detector.save(tmp_path / "older-model")
-    config = json.loads((model / "config.json").read_text())
+    config = _format_2_config(model)
     del config["backbone"]["context"]
     (model / "config.json").write_text(json.dumps(config))
     inputs = data["good"][:2] + data["bad"][:2]
@@ -418,7 +433,7 @@ def test_a_model_saved_before_the_dense_map_option_loads_without_it(
     saved: Path, tmp_path: Path
 ) -> None:
     model = _copy_model(saved, tmp_path)
-    config = json.loads((model / "config.json").read_text())
+    config = _format_2_config(model)
     del config["dense_map"]
     (model / "config.json").write_text(json.dumps(config))
     assert not Detector.load(model).dense_map
@@ -436,7 +451,7 @@ def _assert_filled_maps_only(filled: list[Prediction], plain: list[Prediction]) 
 def test_filling_gaps_changes_maps_only_never_scores_or_thresholds(
     fitted: Detector, data: dict[str, list[Path]], tmp_path: Path
 ) -> None:
-    assert fitted.closing == 3  # the default
+    assert fitted.setting.closing == 3  # the default
     unfilled = Detector(**OPTIONS, closing=1, upsample="bilinear").fit(data["train"])
     filling = Detector(**OPTIONS, upsample="bilinear").fit(data["train"])
     inputs = data["good"] + data["bad"]
@@ -444,14 +459,14 @@ def test_filling_gaps_changes_maps_only_never_scores_or_thresholds(
     _assert_filled_maps_only(filled, plain)
     assert_close([filling.threshold_, unfilled.threshold_], [fitted.threshold_] * 2)
     loaded = Detector.load(unfilled.save(tmp_path / "unfilled"))
-    assert loaded.closing == 1
+    assert loaded.setting.closing == 1
     assert_close(loaded.predict(inputs[0]).anomaly_map, plain[0].anomaly_map)
 
 
 def test_bicubic_maps_are_the_default_change_maps_only_and_are_saved(
     fitted: Detector, data: dict[str, list[Path]], tmp_path: Path
 ) -> None:
-    assert fitted.upsample == "bicubic"
+    assert fitted.setting.upsample == "bicubic"
     bilinear = Detector(**OPTIONS, upsample="bilinear").fit(data["train"])
     assert_close(bilinear.threshold_, fitted.threshold_)
     image, (top, left) = anomalous_image(3)
@@ -461,7 +476,7 @@ def test_bicubic_maps_are_the_default_change_maps_only_and_are_saved(
     assert not np.allclose(sharp.anomaly_map, soft.anomaly_map)
     row, col = np.unravel_index(np.argmax(sharp.anomaly_map), (HEIGHT, WIDTH))
     assert top - 12 <= row < top + SQUARE + 12 and left - 12 <= col < left + SQUARE + 12
-    assert Detector.load(bilinear.save(tmp_path / "m")).upsample == "bilinear"
+    assert Detector.load(bilinear.save(tmp_path / "m")).setting.upsample == "bilinear"
     with pytest.raises(ValueError, match="upsample"):
         Detector(upsample="nearest")
 
@@ -470,25 +485,25 @@ def test_a_model_saved_before_upsampling_choices_loads_bilinear(
     saved: Path, tmp_path: Path
 ) -> None:
     model = _copy_model(saved, tmp_path)
-    config = json.loads((model / "config.json").read_text())
+    config = _format_2_config(model)
     del config["upsample"]
     (model / "config.json").write_text(json.dumps(config))
-    assert Detector.load(model).upsample == "bilinear"
+    assert Detector.load(model).setting.upsample == "bilinear"
 
 
 def test_a_model_saved_before_gap_filling_loads_without_it(saved: Path, tmp_path: Path) -> None:
     model = _copy_model(saved, tmp_path)
-    config = json.loads((model / "config.json").read_text())
+    config = _format_2_config(model)
     del config["closing"]
     (model / "config.json").write_text(json.dumps(config))
-    assert Detector.load(model).closing == 1
+    assert Detector.load(model).setting.closing == 1
 
 
 def test_a_model_saved_before_the_precision_option_loads_in_float32(
     saved: Path, tmp_path: Path
 ) -> None:
     model = _copy_model(saved, tmp_path)
-    config = json.loads((model / "config.json").read_text())
+    config = _format_2_config(model)
     assert config["backbone"]["precision"] == "auto"  # the default, decided per machine
     del config["backbone"]["precision"]
     (model / "config.json").write_text(json.dumps(config))
@@ -501,9 +516,11 @@ def test_an_unknown_precision_is_refused_before_fitting() -> None:
         Detector(precision="half")
 
 
-def test_an_image_size_beyond_the_maximum_is_refused_before_a_fit() -> None:
-    with pytest.raises(ValueError, match="image_size must be from 1 to 2048, got 100000"):
+def test_an_image_size_outside_the_backbones_range_is_refused_before_a_fit() -> None:
+    with pytest.raises(ValueError, match="must be an integer from 14 to 2048 for dinov2"):
         Detector(image_size=100000)
+    with pytest.raises(ValueError, match="from 16 to 2048 for efficientnet_lite0, got 8"):
+        Detector(backbone="efficientnet_lite0", image_size=8)
 
 
 def test_a_closing_narrower_than_one_patch_is_refused() -> None:
@@ -518,9 +535,9 @@ def test_saved_model_is_config_json_and_safetensors_only(saved: Path) -> None:
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", config["arrays"]]
     assert config["format"] == "normalcy-model"
     assert config["format_version"] == MODEL_FORMAT_VERSION
-    assert config["backbone"]["name"] == "efficientnet_lite0"
-    assert config["backbone"]["image_size"] == 64
-    assert config["method"]["name"] == "patchknn"
+    setting = config["setting"]
+    assert setting["backbone"] == "efficientnet_lite0" and setting["image_size"] == 64
+    assert setting["method"] == "patchknn" and setting["layers"] == [4, 10]  # as resolved
     raw = (saved / config["arrays"]).read_bytes()
     header_length = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + header_length])  # the safetensors layout
@@ -640,7 +657,7 @@ def test_gaussian_method_separates_and_round_trips(
     assert bad.min() > good.max()
     assert detector.threshold_ is not None and len(detector.normal_scores_) == 2
     loaded = Detector.load(detector.save(tmp_path / "gauss"))
-    assert loaded.method == "gaussian"
+    assert loaded.setting.method == "gaussian"
     assert_close(_scores(loaded.predict(data["bad"])), bad)
 
 
@@ -654,7 +671,7 @@ def test_gaussian_keeps_only_low_variance_components_when_asked_and_reloads_them
     bad = _scores(detector.predict(data["bad"]))
     assert not np.allclose(bad, _scores(full.predict(data["bad"])))
     loaded = Detector.load(detector.save(tmp_path / "low"))
-    assert loaded.low_variance_fraction == 0.2
+    assert loaded.setting.low_variance_fraction == 0.2
     assert_close(_scores(loaded.predict(data["bad"])), bad)
 
 
@@ -682,7 +699,7 @@ def test_fused_method_separates_and_round_trips(
     assert detector.threshold_ is not None and len(detector.normal_scores_) == 2
     assert detector.backbone_.context == 1.0 and detector.method_.context_half
     loaded = Detector.load(detector.save(tmp_path / "fused"))
-    assert loaded.method == "patchknn+gaussian"
+    assert loaded.setting.method == "patchknn+gaussian"
     assert_close(_scores(loaded.predict(data["bad"])), bad)
 
 

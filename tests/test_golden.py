@@ -123,7 +123,7 @@ def test_a_golden_model_fitted_on_aligned_references_calibrates_saves_and_flags(
     assert detector.calibration_.images == 12
     assert "without its own patches" in detector.threshold_source_
     loaded = Detector.load(detector.save(tmp_path / "golden"))
-    assert loaded.method == "golden"
+    assert loaded.setting.method == "golden"
     good, bad = loaded.predict([noisy(), noisy(defect=True)])
     assert bad.score > loaded.threshold_ >= good.score
     assert bad.is_anomalous and not good.is_anomalous

@@ -28,8 +28,10 @@ from normalcy.modelfile import (
     read_model,
     save_model,
 )
+from normalcy.setting import Setting
 
 ARRAYS = {"memory_bank": np.arange(64, dtype=np.float32).reshape(8, 8)}
+SETTING = Setting(backbone="efficientnet_lite0", image_size=64, layers=(3, 4), context=0.0)
 
 
 def config(**changes: object) -> dict:
@@ -38,23 +40,13 @@ def config(**changes: object) -> dict:
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
         "normalcy_version": "test",
-        "backbone": {
-            "name": "efficientnet_lite0",
-            "image_size": 64,
-            "layers": [3, 4],
-            "pool": 3,
-            "context": 0.0,
-            "precision": "float32",
-            "weights_fingerprint": "0123",
-        },
-        "method": {"name": "patchknn", "params": {}},
+        "setting": SETTING.to_json(),
+        "backbone": {"pool": 3, "precision": "float32", "weights_fingerprint": "0123"},
+        "method": {"params": {}},
         "shots": None,
         "augment": True,
         "fpr": 0.01,
-        "sigma": 4.0,
         "dense_map": False,
-        "closing": 3,
-        "upsample": "bicubic",
         "threshold": 1.5,
         "threshold_source": "held-out normal images",
         "pixel_threshold": 2.0,
@@ -62,6 +54,19 @@ def config(**changes: object) -> dict:
         "n_train": 10,
     }
     return {**base, **changes}
+
+
+def legacy_config(version: int) -> dict:
+    """A valid config of format 1 or 2: the setting's fields spread over "backbone",
+    "method" and the top level."""
+    legacy = config(format_version=version)
+    del legacy["setting"]
+    legacy["backbone"].update(
+        name="efficientnet_lite0", image_size=64, layers=[3, 4], context=0.0, tile_scale=None
+    )
+    legacy["method"]["name"] = "patchknn"
+    legacy.update(sigma=4.0, closing=3, upsample="bicubic")
+    return legacy
 
 
 def arrays_files(folder: Path) -> list[str]:
@@ -160,14 +165,17 @@ def test_saved_files_and_folders_follow_the_umask(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name
 
 
-def test_a_model_of_format_1_loads_and_is_saved_over_in_format_2(tmp_path: Path) -> None:
+def test_a_model_of_format_1_loads_and_is_saved_over_in_the_current_format(
+    tmp_path: Path,
+) -> None:
     folder = tmp_path / "old"
     folder.mkdir()
-    old = config(format_version=1)
+    old = legacy_config(1)
     (folder / "config.json").write_text(json.dumps(old))
     save_file(ARRAYS, str(folder / "method.safetensors"))
     loaded, arrays, arrays_file = read_model(folder)
     assert arrays_file.name == "method.safetensors"
+    assert Setting.from_json(loaded["setting"]) == SETTING
     np.testing.assert_array_equal(arrays["memory_bank"], ARRAYS["memory_bank"])
     save_model(folder, config(), ARRAYS)
     save_model(folder, config(), ARRAYS)
@@ -178,28 +186,36 @@ def test_a_model_of_format_1_loads_and_is_saved_over_in_format_2(tmp_path: Path)
 def test_keys_missing_from_older_models_get_the_behaviour_they_were_saved_with(
     tmp_path: Path,
 ) -> None:
-    old = config()
+    old = legacy_config(2)
     for key in ("dense_map", "closing", "upsample", "dense_pixel_threshold"):
         del old[key]
-    del old["backbone"]["context"], old["backbone"]["precision"]
+    del old["backbone"]["context"], old["backbone"]["precision"], old["backbone"]["tile_scale"]
     folder = save_model(tmp_path / "m", old, ARRAYS)
     loaded = read_model(folder)[0]
-    assert loaded["dense_map"] is False and loaded["closing"] == 1
-    assert loaded["upsample"] == "bilinear" and loaded["dense_pixel_threshold"] is None
-    assert loaded["backbone"]["context"] == 0.0
+    assert loaded["dense_map"] is False and loaded["dense_pixel_threshold"] is None
+    assert Setting.from_json(loaded["setting"]) == SETTING.replace(closing=1, upsample="bilinear")
     assert loaded["backbone"]["precision"] == "float32"
 
 
+def test_a_format_2_config_without_a_field_it_always_held_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    old = legacy_config(2)
+    del old["backbone"]["image_size"]
+    folder = save_model(tmp_path / "m", old, ARRAYS)
+    with pytest.raises(ModelFileError, match="'backbone.image_size' is missing"):
+        read_model(folder)
+
+
 BAD_CONFIGS = {
-    "image size far too large": (
-        {"backbone": {**config()["backbone"], "image_size": 100000}},
-        "backbone.image_size",
-    ),
+    "image size far too large": ({"setting": SETTING.to_json() | {"image_size": 10**5}}, "setting"),
     "threshold NaN": ({"threshold": math.nan}, "threshold"),
     "threshold a string": ({"threshold": "high"}, "threshold"),
     "fpr above 1": ({"fpr": 1.5}, "fpr"),
-    "no layers": ({"backbone": {**config()["backbone"], "layers": []}}, "backbone.layers"),
-    "layers as text": ({"backbone": {**config()["backbone"], "layers": "3,4"}}, "backbone.layers"),
+    "no layers": ({"setting": SETTING.to_json() | {"layers": []}}, "setting"),
+    "layers as text": ({"setting": SETTING.to_json() | {"layers": "3,4"}}, "setting"),
+    "an unknown setting field": ({"setting": SETTING.to_json() | {"speed": 9}}, "setting"),
+    "setting not an object": ({"setting": [1]}, "setting"),
     "arrays outside the folder": ({"arrays": "../../secret.safetensors"}, "arrays"),
     "method not an object": ({"method": "patchknn"}, "method"),
     "boolean as a count": ({"n_train": True}, "n_train"),

@@ -328,8 +328,8 @@ def test_readme_tables_are_written_between_their_markers(
     text = (workspace / "README.md").read_text()
     results = text.split("<!-- results:begin -->")[1].split("<!-- results:end -->")[0]
     speed = text.split("<!-- speed:begin -->")[1].split("<!-- speed:end -->")[0]
-    assert "| Magnetic Tile | defaults | `dinov2-224-full` |" in results
-    assert "| DeepPCB | boards, outlines | `lite0-224-tiles2-block10` |" in results
+    assert "| Magnetic Tile | `default` | `dinov2-224-full` |" in results
+    assert "| DeepPCB | `fine-detail-outline` | `lite0-224-tiles2-block10` |" in results
     assert "(1/10)" in results  # the board row's subsampled training set
     assert "Test CPU" in speed and "openvino-bfloat16" in speed
 

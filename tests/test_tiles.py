@@ -104,7 +104,7 @@ def test_a_tiled_model_saves_its_scale_and_scores_the_same_loaded(tmp_path) -> N
     normal = [_board(i) for i in range(3)]
     detector = Detector(backbone="efficientnet_lite0", image_size=64, tile_scale=1.0).fit(normal)
     loaded = Detector.load(detector.save(tmp_path / "tiled"))
-    assert loaded.tile_scale == 1.0 and loaded.decode_side is None
+    assert loaded.setting.tile_scale == 1.0 and loaded.decode_side is None
     test = _board(200, defect=True)
     assert_close(loaded.predict(test).score, detector.predict(test).score)
     assert loaded.map_settings().score_cells == 8  # scores smooth per 64 px tile of 8 px cells

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from normalcy.backbones.dinov2 import build_dinov2
+from normalcy.backbones.dinov2 import VIT_CONFIGS, build_dinov2
 from normalcy.backbones.efficientnet import build_efficientnet
 from normalcy.backbones.grids import (
     aggregate,
@@ -35,6 +36,7 @@ __all__ = [
     "aggregate",
     "create_backbone",
     "default_layers",
+    "input_stride",
     "resolve_device",
     "resolve_precision",
 ]
@@ -305,9 +307,20 @@ class Backbone(nn.Module):
 
 
 # name -> (builder returning (network, stride, channels_last), default layers, default pooling)
-BACKBONES: dict[str, tuple[Callable, tuple[int, ...], int]] = {
+class BackboneSpec(NamedTuple):
+    """How to build a backbone, and what a setting needs to know of it before it is built."""
+
+    build: Callable  # (name, layers, weights) -> (network, channels_last)
+    layers: tuple[int, ...]  # the blocks used by default
+    pool: int  # neighbourhood averaged into each patch feature
+    stride: int  # input sides are multiples of it: the smallest image_size
+
+
+BACKBONES: dict[str, BackboneSpec] = {
     **{
-        name: (build_dinov2, (6,) if "vitl" not in name else (12,), 1)
+        name: BackboneSpec(
+            build_dinov2, (6,) if "vitl" not in name else (12,), 1, VIT_CONFIGS[name].patch_size
+        )
         for name in (
             "dinov2_vits14",
             "dinov2_vitb14",
@@ -317,16 +330,22 @@ BACKBONES: dict[str, tuple[Callable, tuple[int, ...], int]] = {
             "dinov2_vitl14_reg",
         )
     },
-    # Ends of stage 3 (stride 8) and stage 5 (stride 16), the PatchCore "mid-level" choice.
-    "efficientnet_lite0": (build_efficientnet, (4, 10), 3),
+    # Ends of stage 3 (stride 8) and stage 5 (stride 16), the PatchCore "mid-level" choice;
+    # inputs are multiples of the deepest stride, so "same" padding stays symmetric.
+    "efficientnet_lite0": BackboneSpec(build_efficientnet, (4, 10), 3, 16),
 }
 
 
 def default_layers(name: str) -> tuple[int, ...]:
-    return _lookup(name)[1]
+    return _lookup(name).layers
 
 
-def _lookup(name: str) -> tuple[Callable, tuple[int, ...], int]:
+def input_stride(name: str) -> int:
+    """The backbone's input stride: sides are multiples of it, and image_size at least it."""
+    return _lookup(name).stride
+
+
+def _lookup(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     return BACKBONES[name]
@@ -345,16 +364,16 @@ def create_backbone(
 ) -> Backbone:
     """A ready, frozen backbone on `device` (see `resolve_device`); weights resolved as
     described in `weights.py`; precision may be "auto" (see `resolve_precision`)."""
-    builder, default, default_pool = _lookup(name)
-    layers = tuple(layers) if layers else default
+    spec = _lookup(name)
+    layers = tuple(layers) if layers else spec.layers
     device = resolve_device(device)
-    network, stride, channels_last = builder(name, layers, weights)
-    pool = default_pool if pool is None else pool
+    network, channels_last = spec.build(name, layers, weights)
+    pool = spec.pool if pool is None else pool
     arithmetic = resolve_precision(precision, device)
     return Backbone(
         name,
         network,
-        stride,
+        spec.stride,
         image_size,
         pool,
         layers,

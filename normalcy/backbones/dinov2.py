@@ -38,9 +38,8 @@ def dinov2_spec(name: str) -> WeightSpec:
 
 def build_dinov2(
     name: str, layers: tuple[int, ...], weights: str | os.PathLike | None
-) -> tuple[nn.Module, int, bool]:
-    """DINOv2 `name` returning the patch tokens of `layers`, its patch size, not channels-last."""
-    config = VIT_CONFIGS[name]
-    model = VisionTransformer(config, layers)
+) -> tuple[nn.Module, bool]:
+    """DINOv2 `name` returning the patch tokens of `layers`; not channels-last."""
+    model = VisionTransformer(VIT_CONFIGS[name], layers)
     load_vit_weights(model, resolve_weights(dinov2_spec(name), weights))
-    return model, config.patch_size, False
+    return model, False

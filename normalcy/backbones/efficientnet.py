@@ -64,10 +64,9 @@ class EfficientNetStages(nn.Module):
 
 def build_efficientnet(
     name: str, layers: tuple[int, ...], weights: str | os.PathLike | None
-) -> tuple[nn.Module, int, bool]:
-    """EfficientNet-Lite0 returning the outputs of blocks `layers`, stride 16, channels-last."""
+) -> tuple[nn.Module, bool]:
+    """EfficientNet-Lite0 returning the outputs of blocks `layers`; a convolutional network,
+    so channels-last."""
     model = EfficientNetStages("efficientnet-lite0", layers)
     model.load_package_state(resolve_weights(WeightSpec(name, (EFFICIENTNET_LITE0,)), weights))
-    # Inputs must be multiples of the deepest stride used, so "same" padding stays symmetric;
-    # a convolutional network, so channels-last.
-    return model, 16, True
+    return model, True

@@ -15,13 +15,15 @@ import numpy as np
 
 from normalcy.cli.options import detector_options, fitted_detector_from
 from normalcy.datasets import TestSample
-from normalcy.detector import FUSED, MUTUAL
+from normalcy.detector import MUTUAL
 from normalcy.evaluate import evaluate, format_defect_table, format_table, summarize
 from normalcy.methods import METHODS
+from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.prediction import Prediction
 from normalcy.report import ReportImage, report_image, write_report
 from normalcy.visualize import write_atomic
 
+FUSED = KNNGaussianFusion.name
 EVAL_ALL = ["patchknn", "gaussian", FUSED, MUTUAL]  # what `eval --method all` compares
 
 
@@ -80,7 +82,7 @@ def run_eval(
 
         return keep
 
-    methods = EVAL_ALL if args.method == "all" else [args.method or "patchknn"]
+    methods = EVAL_ALL if args.method == "all" else [args.method]  # None: the setting's
     if args.method == "all" and args.shots:
         methods = [m for m in methods if m != FUSED]  # it needs held-out normal images
     target = {"fpr": args.fpr} if "fpr" in args else {}  # demo: the default

@@ -64,7 +64,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.ray is not None:
         from normalcy import distributed
 
-        args.method = args.method or "patchknn"
         detector = fitted_detector_from(args, fpr=args.fpr, threshold=args.threshold)
         return _saved(args, distributed.fit(detector, sources, args.ray or None), [])
     # Files that are not images at all are set aside first, so the setting below counts
@@ -77,12 +76,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"none of the {len(sources)} files in {args.train_dir} is a readable image "
             f"(first: {unreadable[0]})"
         )
-    if args.method is None:
-        args.method, shots = choose_setting(len(readable))
-        args.shots = args.shots or shots
-        setting = f"{args.shots}-shot" if args.shots else "full-shot"
-        print(f"{len(readable)} normal images: fitting {args.method} {setting}", file=sys.stderr)
+    if args.method is None and args.shots is None:
+        _, args.shots = choose_setting(len(readable))
     detector = fitted_detector_from(args, fpr=args.fpr, threshold=args.threshold, progress=True)
+    if args.method is None:
+        shots = f"{args.shots}-shot" if args.shots else "full-shot"
+        print(
+            f"{len(readable)} normal images: fitting {detector.setting.method} {shots}",
+            file=sys.stderr,
+        )
     return _saved(args, detector.fit(readable), unreadable)
 
 

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from normalcy.backbones import BACKBONES, DEVICES, PRECISIONS
 from normalcy.detector import MUTUAL, Detector
 from normalcy.methods.mutual import MutualScorer
-from normalcy.postprocess import SIGMA_AT_256, UPSAMPLING
+from normalcy.postprocess import UPSAMPLING
+from normalcy.setting import CLI_NAMES, DEFAULT, FIELDS, SETTINGS, Setting, named_setting
 
 Parser = argparse.ArgumentParser | argparse._ArgumentGroup
 
@@ -27,10 +28,30 @@ DENSE_MAP_HELP = (
 )
 
 
-def backbone_options(parser: Parser, device: bool = True) -> None:
-    parser.add_argument("--backbone", default="dinov2_vits14", choices=sorted(BACKBONES))
+def setting_option(parser: Parser) -> None:
     parser.add_argument(
-        "--image-size", type=int, default=224, help="short side fed to the backbone (px)"
+        "--setting",
+        default="default",
+        choices=sorted(SETTINGS),
+        help="a named setting (backbone, input size or tiles, layers, method, maps), to which "
+        "the options below make changes: "
+        + "; ".join(f"{name}: {' '.join(s.flags()) or 'as listed'}" for name, s in SETTINGS.items())
+        + " (default: default)",
+    )
+
+
+def backbone_options(parser: Parser, device: bool = True) -> None:
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        choices=sorted(BACKBONES),
+        help=f"the frozen feature extractor (default: {DEFAULT.backbone})",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help=f"short side fed to the backbone (px; default {DEFAULT.image_size})",
     )
     parser.add_argument(
         "--tile-scale",
@@ -41,10 +62,8 @@ def backbone_options(parser: Parser, device: bool = True) -> None:
         "resolution), for defects a few pixels wide; cost grows with pixels: about "
         "(H*S/(N-2c)+1) x (W*S/(N-2c)+1) backbone passes per image for N = --image-size and "
         "c the grid cell (14 px for DINOv2, 8 for efficientnet_lite0), at most 64 (larger "
-        "images are tiled at a lower scale); for small defects on boards: --backbone "
-        "efficientnet_lite0 --tile-scale 2 --context 0 --closing 1 (and --layers 10 for "
-        "tighter outlines); default: the whole "
-        "image at --image-size",
+        "images are tiled at a lower scale); for small defects on boards: --setting "
+        "fine-detail; default: the whole image at --image-size",
     )
     parser.add_argument(
         "--layers", type=int, nargs="+", default=None, help="backbone blocks to use (0-based)"
@@ -88,15 +107,15 @@ def map_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sigma",
         type=float,
-        default=SIGMA_AT_256,
+        default=None,
         metavar="PX",
         help="Gaussian smoothing of the anomaly map, in pixels at a 256-pixel short side of "
         "the image; image scores smooth by the same amount of one backbone input, a tile "
-        f"when tiling (default {SIGMA_AT_256:g}; 0: off)",
+        f"when tiling (default {DEFAULT.sigma:g}; 0: off)",
     )
     parser.add_argument(
         "--upsample",
-        default="bicubic",
+        default=None,
         choices=UPSAMPLING,
         help="how patch scores are upsampled into the map: bicubic (default) outlines small "
         "defects more tightly; scores and decisions are the same either way",
@@ -104,10 +123,11 @@ def map_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--closing",
         type=int,
-        default=3,
+        default=None,
         metavar="N",
         help="fill dips in the anomaly map up to N patches wide, so broad defects that light "
-        "up only at their outline are covered (maps and masks only; 1: off)",
+        f"up only at their outline are covered (maps and masks only; 1: off; default "
+        f"{DEFAULT.closing})",
     )
 
 
@@ -137,11 +157,12 @@ def scorer_from(args: argparse.Namespace) -> MutualScorer:
         neighbourhoods=args.mutual_sizes,
         rescore_neighbours=args.mutual_rescore,
         precision=args.precision,
-        sigma=args.sigma,
+        sigma=DEFAULT.sigma if args.sigma is None else args.sigma,
     )
 
 
 def detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
+    setting_option(parser)
     backbone_options(parser)
     parser.add_argument("--method", default=None, choices=methods, help=METHOD_HELP)
     parser.add_argument("--shots", type=int, default=None, help="few-shot: use K normal images")
@@ -173,42 +194,66 @@ def detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) ->
         help="gaussian: keep only the principal components of smallest variance that hold "
         "FRACTION of the variance (Rippel et al.; default: all components)",
     )
+    parser.add_argument(
+        "--coreset-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help=f"patchknn: share of each image's patches kept on arrival (default "
+        f"{DEFAULT.coreset_ratio:g}; 1 keeps all)",
+    )
+    parser.add_argument(
+        "--max-bank-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"patchknn: the most patches the memory bank keeps (default "
+        f"{DEFAULT.max_bank_size}); it bounds the search per image",
+    )
     map_options(parser)
     if MUTUAL in methods:
         zero_shot_options(parser)
 
 
-def detector_from(args: argparse.Namespace, method: str, **extra) -> Detector:
-    """A detector in the backbone and map options every subcommand has, plus `extra`."""
+def setting_from(args: argparse.Namespace, method: str | None = None) -> Setting:
+    """The setting the options name: --setting (where the subcommand has it), changed by every
+    setting option given, and by `method` (else --method) where one is named."""
+    changes = {
+        field: getattr(args, CLI_NAMES.get(field, field))
+        for field in FIELDS
+        if getattr(args, CLI_NAMES.get(field, field), None) is not None
+    }
+    changes.pop("method", None)
+    chosen = method or getattr(args, "method", None)
+    if chosen is not None:
+        changes["method"] = chosen
+    return named_setting(getattr(args, "setting", "default")).replace(**changes)
+
+
+def detector_from(args: argparse.Namespace, method: str | None = None, **extra) -> Detector:
+    """A detector in the setting the options name (`setting_from`), plus `extra`."""
     return Detector(
-        backbone=args.backbone,
-        method=method,
-        image_size=args.image_size,
-        layers=args.layers,
+        setting_from(args, method),
         weights=args.weights,
-        sigma=args.sigma,
-        closing=args.closing,
-        upsample=args.upsample,
         precision=args.precision,
         device=args.device,
-        tile_scale=args.tile_scale,
         **extra,
     )
 
 
 def fitted_detector_from(args: argparse.Namespace, method: str | None = None, **extra) -> Detector:
     """An unfitted detector in the options of `detector_options` (fit, eval, demo)."""
-    chosen = method or args.method or "patchknn"
+    chosen = method or args.method
     if args.low_variance is not None and args.method not in ("gaussian", "all"):
         raise ValueError("--low-variance is an option of --method gaussian")
+    if args.low_variance is not None and chosen != "gaussian":  # eval --method all's others
+        args = argparse.Namespace(**{**vars(args), "low_variance": None})
     return detector_from(
         args,
         chosen,
         shots=args.shots,
         augment=not args.no_augment,
         scorer=scorer_from(args) if "mutual_sizes" in args else None,
-        context=args.context,
         dense_map=args.dense_map,
-        low_variance_fraction=args.low_variance if chosen == "gaussian" else None,
         **extra,
     )

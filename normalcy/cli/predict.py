@@ -121,7 +121,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     detector = Detector.load(model_dir, weights=args.weights, device=args.device)
     detector.progress = not args.json
     if args.dense_map is not None:
-        if args.dense_map and (detector.method == GOLDEN or detector.tile_scale is not None):
+        if args.dense_map and (
+            detector.setting.method == GOLDEN or detector.setting.tile_scale is not None
+        ):
             raise ValueError(f"{model_dir}: golden and tiled models take no --dense-map")
         detector.dense_map = args.dense_map
     if args.threshold is not None:
