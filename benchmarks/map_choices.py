@@ -86,19 +86,21 @@ def main() -> int:
         masks = []
         backbone, method = detector.backbone_, detector.method_
         upsampled = {
-            mode: MapSettings(detector.setting.sigma, detector.setting.closing, mode)
+            mode: MapSettings(detector.active_setting.sigma, detector.active_setting.closing, mode)
             for mode in UPSAMPLING
         }
         paths = [s.path for s in category.test]
-        decoded = load_many(paths, min_side=detector.setting.image_size)  # as predict decodes them
+        decoded = load_many(
+            paths, min_side=detector.active_setting.image_size
+        )  # as predict decodes them
         for sample, item in zip(category.test, decoded, strict=True):
             (dense_grid,) = backbone.features([item.image], dense=True)
             dense = method.score_batch([dense_grid])[0].patches
             plain = dense[::2, ::2]
             size = item.size
             labels.append(sample.label)
-            fixed_scale.append(ranking_score(plain, detector.setting.sigma))
-            full_size.append(image_score(anomaly_map(plain, size, detector.setting.sigma)))
+            fixed_scale.append(ranking_score(plain, detector.active_setting.sigma))
+            full_size.append(image_score(anomaly_map(plain, size, detector.active_setting.sigma)))
             grids = {"plain": plain, "diagonal": diagonal_grid(dense), "dense": dense}
             for name, (_, grid, mode) in CHOICES.items():
                 shown = upsampled[mode].shown_map(grids[grid], dense=grid != "plain")

@@ -25,7 +25,8 @@ from normalcy.methods.golden import GoldenTemplate
 from normalcy.methods.mutual import MutualScorer
 from normalcy.pipeline import MapSettings, Pipeline
 from normalcy.prediction import Prediction, gathered
-from normalcy.setting import Setting, resolve_setting
+from normalcy.selection import MIN_IMAGES, Selection, select_setting
+from normalcy.setting import AUTO, DEFAULT, SETTINGS, Setting, resolve_setting
 from normalcy.zero_shot import zero_shot
 
 log = logging.getLogger("normalcy")
@@ -49,17 +50,22 @@ def choose_setting(n_normal: int) -> tuple[str, int | None]:
 
 
 def check_params(
-    setting: Setting,
+    setting: Setting | str,
     shots: int | None,
     fpr: float,
     batch_size: int,
     dense_map: bool,
     precision: str,
     device: str,
+    max_ms_per_image: float | None,
     **_: Any,
 ) -> None:
     """Refuse what cannot work with the setting (checked itself by `Setting`), naming it,
     before any long work starts."""
+    if max_ms_per_image is not None and not max_ms_per_image > 0:
+        raise ValueError(f"max_ms_per_image must be positive, got {max_ms_per_image}")
+    if not isinstance(setting, Setting):  # AUTO: each candidate is checked when made
+        return
     if setting.method == GOLDEN and dense_map:
         raise ValueError("golden templates compare grids of the references' shape: no dense map")
     if setting.tile_scale is not None and dense_map:
@@ -83,9 +89,14 @@ class Detector:
     """Anomaly detector over frozen backbone features.
 
     setting: what decides features and scores (backbone, input size or tiles, layers, method,
-        map making): a `Setting`, or the name of one in `normalcy.setting.SETTINGS`
-        ("default": DINOv2 at 224 px, patch kNN). Keyword arguments named after its fields
-        (`backbone=`, `image_size=`, `method=`, `tile_scale=`, ...) change those fields.
+        map making): a `Setting`, the name of one in `normalcy.setting.SETTINGS` ("default":
+        DINOv2 at 224 px, patch kNN), or "auto": `fit` chooses among `selection.CANDIDATES`
+        by how well each finds defects planted into normal images it did not fit on (see
+        `normalcy.selection`). Keyword arguments named after its fields (`backbone=`,
+        `image_size=`, `method=`, `tile_scale=`, ...) change those fields (and pin "auto"
+        to the default setting, changed).
+    max_ms_per_image: with "auto", the slowest predict per image (from the file, measured on
+        this machine during the choice) a chosen setting may have; None: no limit.
     shots: few-shot mode; None uses every normal image given to `fit`.
     augment: in few-shot mode, add rotated and mirrored views of the references.
     fpr: target false-positive rate on held-out normal images for the decision threshold.
@@ -117,6 +128,7 @@ class Detector:
         dense_map: bool = False,
         precision: str = "auto",
         device: str = "auto",
+        max_ms_per_image: float | None = None,
         **changes: Any,
     ) -> None:
         params = {
@@ -133,11 +145,20 @@ class Detector:
         names = inspect.signature(Detector.__init__).parameters
         return {name: getattr(self, name) for name in names if name not in ("self", "changes")}
 
+    @property
+    def active_setting(self) -> Setting:
+        """The setting in use: the one given, or the one `fit` chose for "auto" (before that
+        fit, and for zero-shot scoring, which has no normal images to choose with: the
+        default)."""
+        if isinstance(self.setting, Setting):
+            return self.setting
+        return getattr(self, "chosen_setting_", None) or DEFAULT
+
     # ----------------------------------------------------------------- features
     def backbone_model(self) -> Backbone:
         """The feature extractor in this detector's setting (made on first use)."""
         if getattr(self, "backbone_", None) is None:
-            setting = self.setting
+            setting = self.active_setting
             self.backbone_ = create_backbone(
                 setting.backbone,
                 setting.image_size,
@@ -157,7 +178,7 @@ class Detector:
 
     def map_settings(self) -> MapSettings:
         """How this detector's patch scores become maps and image scores."""
-        setting = self.setting
+        setting = self.active_setting
         return MapSettings(
             setting.sigma, setting.closing, setting.upsample, self.backbone_model().tile_cells
         )
@@ -187,8 +208,40 @@ class Detector:
         a model that did not see them (see `fitting`): patch kNN scores every image (up to
         500) against the bank without its own patches; other full-shot methods hold out every
         10th image; below 10 images, or few-shot, the others leave each image out in turn.
+        With setting "auto", the setting is chosen first (`selection_` says how).
         """
+        if self.setting == AUTO:
+            normal = expand_inputs(normal)
+            self.selection_ = self._select(normal)
+            chosen = self.selection_.chosen if self.selection_ else "default"
+            self.chosen_setting_ = SETTINGS[chosen]
+            self.backbone_ = None
         return fitting.fit(self, normal)
+
+    def _select(self, normal: Sequence[ImageInput]) -> Selection | None:
+        """The choice among the candidate settings, or None where there is none to make (too
+        few images, or few-shot: the default setting is used)."""
+        if self.shots is not None or len(normal) < MIN_IMAGES:
+            log.warning(
+                "too few normal images to choose a setting (at least %d, full-shot): "
+                "fitting the default setting",
+                MIN_IMAGES,
+            )
+            return None
+        params = {**self.get_params(), "progress": False}
+
+        def make(setting: Setting) -> Detector:
+            return Detector(**{**params, "setting": setting})
+
+        selection = select_setting(
+            normal,
+            make,
+            max_ms_per_image=self.max_ms_per_image,
+            seed=self.seed,
+            progress=self.progress,
+        )
+        log.info("setting %s chosen:\n%s", selection.chosen, selection.table())
+        return selection
 
     def zero_shot(
         self, inputs: ImageInput | Sequence[ImageInput]
@@ -203,7 +256,9 @@ class Detector:
 
     def mutual_scorer(self) -> MutualScorer:
         """The zero-shot scorer: `scorer`, or the default one in this detector's settings."""
-        return self.scorer or MutualScorer(precision=self.precision, sigma=self.setting.sigma)
+        return self.scorer or MutualScorer(
+            precision=self.precision, sigma=self.active_setting.sigma
+        )
 
     # ------------------------------------------------------------------- predict
     def _check_fitted(self) -> None:
@@ -282,11 +337,11 @@ class Detector:
     def describe(self) -> dict[str, Any]:
         """What the service lists about a model."""
         return {
-            "backbone": self.setting.backbone,
-            "method": self.setting.method,
+            "backbone": self.active_setting.backbone,
+            "method": self.active_setting.method,
             "shots": self.shots,
             "threshold": self.threshold_,
-            "image_size": self.setting.image_size,
+            "image_size": self.active_setting.image_size,
             "version": getattr(self, "normalcy_version_", __version__),
             "runtime": "torch",
         }

@@ -143,7 +143,7 @@ def evaluate_category(
 ) -> CategoryResult:
     """Fit `detector` on the category's normal training images (zero-shot: nothing) and
     measure it on its test set."""
-    if detector.setting.method == MUTUAL:
+    if detector.active_setting.method == MUTUAL:
         fit_seconds, predict_seconds, scored = _scored_zero_shot(category, detector, on_sample)
     else:
         fit_seconds, predict_seconds, scored = _scored_by_fitting(
@@ -167,8 +167,8 @@ def evaluate_category(
             region = aupro(masks, maps)
     return CategoryResult(
         category=category.name,
-        method=detector.setting.method,
-        backbone=detector.setting.backbone,
+        method=detector.active_setting.method,
+        backbone=detector.active_setting.backbone,
         shots=detector.shots,
         draw=seed if detector.shots is not None else None,
         image_auroc=image_auroc(labels, scores),

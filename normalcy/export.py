@@ -125,13 +125,13 @@ def _checked_size(detector: Detector, size: tuple[int, int] | None) -> tuple[int
     if size is None:
         if detector.input_size_ is None:  # saved before it was recorded: a square image
             return detector.backbone_.network_size(
-                detector.setting.image_size, detector.setting.image_size
+                detector.active_setting.image_size, detector.active_setting.image_size
             )
         return tuple(detector.input_size_)  # type: ignore[return-value]
     if any(side < stride or side % stride for side in size):
         raise ValueError(
             f"--image-size {size[0]} {size[1]}: each side must be a multiple of the "
-            f"{detector.setting.backbone} stride ({stride} px)"
+            f"{detector.active_setting.backbone} stride ({stride} px)"
         )
     return tuple(size)  # type: ignore[return-value]
 
@@ -152,8 +152,8 @@ def _manifest(detector: Detector, size: tuple[int, int], files: list[Path]) -> d
         },
         "outputs": list(OUTPUT_NAMES),
         "precision": "float32",
-        "backbone": detector.setting.backbone,
-        "method": detector.setting.method,
+        "backbone": detector.active_setting.backbone,
+        "method": detector.active_setting.method,
         "shots": detector.shots,
         "threshold": detector.threshold_,
         "pixel_threshold": detector.pixel_threshold_,

@@ -69,21 +69,21 @@ def augmentations(image: np.ndarray) -> list[np.ndarray]:
 
 def new_method(detector: Detector, few_shot: bool) -> Method:
     """An unfitted instance of the detector's method, in its settings."""
-    if detector.setting.method == MutualScorer.name:
+    if detector.active_setting.method == MutualScorer.name:
         raise ValueError(
             "the mutual method is zero-shot: it needs no fit; call zero_shot(images) "
             "(CLI: normalcy predict --zero-shot INPUT_DIR -o OUT)"
         )
     settings = FitSettings(
         few_shot=few_shot,
-        coreset_ratio=detector.setting.coreset_ratio,
-        max_bank_size=detector.setting.max_bank_size,
+        coreset_ratio=detector.active_setting.coreset_ratio,
+        max_bank_size=detector.active_setting.max_bank_size,
         seed=detector.seed,
         precision=detector.precision,
-        low_variance_fraction=detector.setting.low_variance_fraction,
+        low_variance_fraction=detector.active_setting.low_variance_fraction,
         context_half=detector.backbone_model().context > 0,
     )
-    return method_for(detector.setting.method, settings)
+    return method_for(detector.active_setting.method, settings)
 
 
 def decoded(
@@ -244,7 +244,9 @@ def fit(detector: Detector, normal: ImageInput | Sequence[ImageInput]) -> Detect
         raise ValueError("no normal images given")
     few_shot = detector.shots is not None
     fused = KNNGaussianFusion.name
-    if detector.setting.method == fused and (few_shot or len(sources) < MIN_IMAGES_FOR_HOLDOUT):
+    if detector.active_setting.method == fused and (
+        few_shot or len(sources) < MIN_IMAGES_FOR_HOLDOUT
+    ):
         raise ValueError(
             f"method {fused} needs at least {MIN_IMAGES_FOR_HOLDOUT} normal images and no "
             "--shots: it standardises its two scores on held-out normal images; "

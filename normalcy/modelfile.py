@@ -335,6 +335,8 @@ SCHEMA: dict[tuple[str, ...], tuple[Check, str, Any]] = {
         _REQUIRED,
     ),
     ("setting",): (_is(dict), "an object", _REQUIRED),
+    # Saved before the setting could be chosen, or given: none.
+    ("selection",): (_optional(_is(dict)), "null or an object", None),
     ("backbone",): (_is(dict), "an object", _REQUIRED),
     ("backbone", "pool"): (_integer(1, 15), "an integer from 1 to 15", _REQUIRED),
     # Saved before the option existed: fitted in float32, so scores stay the same.

@@ -21,6 +21,7 @@ from normalcy.modelfile import (
     read_model,
     save_model,
 )
+from normalcy.selection import Selection
 from normalcy.setting import Setting
 
 if TYPE_CHECKING:
@@ -41,12 +42,15 @@ def model_config(detector: Detector) -> dict[str, Any]:
     resolved them, so a later default cannot change the model), how it was fitted and its
     thresholds (`config.json`)."""
     backbone = detector.backbone_
-    setting = detector.setting.replace(layers=backbone.layers, context=backbone.context)
+    setting = detector.active_setting.replace(layers=backbone.layers, context=backbone.context)
+    selection = getattr(detector, "selection_", None)
     return {
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
         "normalcy_version": __version__,
         "setting": setting.to_json(),
+        # How "auto" chose it: every candidate's planted-defect results (None: given).
+        "selection": None if selection is None else selection.to_json(),
         "backbone": {
             "pool": backbone.pool,
             "precision": detector.precision,
@@ -101,6 +105,8 @@ def load_detector(
             device=device,
         )
         detector.method_ = method_from_state(setting.method, params, arrays)
+        selection = config["selection"]
+        detector.selection_ = None if selection is None else Selection.from_json(selection)
         calibration = config["calibration"]
         detector.calibration_ = None if calibration is None else Calibration(**calibration)
     except (TypeError, ValueError) as error:

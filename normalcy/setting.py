@@ -19,6 +19,7 @@ from normalcy.backbones import BACKBONES, MAX_IMAGE_SIZE, input_stride
 from normalcy.methods import METHODS
 from normalcy.postprocess import SIGMA_AT_256, UPSAMPLING
 
+AUTO = "auto"  # chosen by `fit` from the normal images (`normalcy.selection`)
 ZERO_SHOT_METHOD = "mutual"  # scores a batch against itself: no fit (`Detector.zero_shot`)
 # The largest values a setting may hold: beyond them a fit would take hours or the option
 # would do nothing more.
@@ -219,8 +220,11 @@ def named_setting(name: str) -> Setting:
     return SETTINGS[name]
 
 
-def resolve_setting(setting: str | Setting, changes: dict[str, Any]) -> Setting:
-    """`setting` (a `Setting` or a name in `SETTINGS`) with `changes` to its fields."""
+def resolve_setting(setting: str | Setting, changes: dict[str, Any]) -> Setting | str:
+    """`setting` (a `Setting`, a name in `SETTINGS`, or `AUTO`) with `changes` to its fields;
+    `AUTO` stays itself unless a change pins a setting (the default, changed)."""
+    if setting == AUTO:
+        return DEFAULT.replace(**changes) if changes else AUTO
     base = named_setting(setting) if isinstance(setting, str) else setting
     if not isinstance(base, Setting):
         raise TypeError(f"setting must be a Setting or a name, got {type(setting).__name__}")

@@ -29,10 +29,9 @@ def zero_shot(
 ) -> list[Prediction | ImageLoadError]:
     """One result per input, in order, each image scored against the others by the
     detector's mutual scorer; unreadable inputs give their error instead."""
-    if detector.setting.method != MutualScorer.name:
-        raise ValueError(
-            f"zero-shot scoring uses method {MutualScorer.name!r}, not {detector.setting.method!r}"
-        )
+    method = detector.active_setting.method
+    if method != MutualScorer.name:
+        raise ValueError(f"zero-shot scoring uses method {MutualScorer.name!r}, not {method!r}")
     sources = expand_inputs(inputs)
     results: list[Prediction | ImageLoadError | None] = []
     readable: list[tuple[int, str, tuple[int, int]]] = []

@@ -82,7 +82,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.method is None:
         shots = f"{args.shots}-shot" if args.shots else "full-shot"
         print(
-            f"{len(readable)} normal images: fitting {detector.setting.method} {shots}",
+            f"{len(readable)} normal images: fitting {detector.active_setting.method} {shots}",
             file=sys.stderr,
         )
     return _saved(args, detector.fit(readable), unreadable)
@@ -91,6 +91,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def _saved(args: argparse.Namespace, detector: Detector, unreadable: list[str]) -> int:
     """Save a fitted detector to -o and say what it learnt from and what it skipped."""
     path = detector.save(args.output)
+    selection = getattr(detector, "selection_", None)
+    if selection is not None:
+        print(
+            f"setting {selection.chosen}: of {len(selection.trials)} candidates, each fitted on "
+            f"{selection.fit_images} normal images, it found best the "
+            f"{selection.planted_images} defects planted into {selection.held_images} others\n"
+            + selection.table()
+        )
     threshold = "none" if detector.threshold_ is None else f"{detector.threshold_:.4f}"
     print(
         f"saved {path}: {detector.n_train_} normal images, threshold {threshold} "

@@ -9,7 +9,8 @@ from normalcy.backbones import BACKBONES, DEVICES, PRECISIONS
 from normalcy.detector import MUTUAL, Detector
 from normalcy.methods.mutual import MutualScorer
 from normalcy.postprocess import UPSAMPLING
-from normalcy.setting import CLI_NAMES, DEFAULT, FIELDS, SETTINGS, Setting, named_setting
+from normalcy.selection import CANDIDATES
+from normalcy.setting import AUTO, CLI_NAMES, DEFAULT, FIELDS, SETTINGS, Setting, resolve_setting
 
 Parser = argparse.ArgumentParser | argparse._ArgumentGroup
 
@@ -32,11 +33,21 @@ def setting_option(parser: Parser) -> None:
     parser.add_argument(
         "--setting",
         default="default",
-        choices=sorted(SETTINGS),
+        choices=[*sorted(SETTINGS), AUTO],
         help="a named setting (backbone, input size or tiles, layers, method, maps), to which "
         "the options below make changes: "
         + "; ".join(f"{name}: {' '.join(s.flags()) or 'as listed'}" for name, s in SETTINGS.items())
-        + " (default: default)",
+        + f"; auto: fit chooses among {', '.join(CANDIDATES)} by how well each finds defects "
+        "planted into normal images it was not fitted on (any option below pins the default "
+        "instead) (default: default)",
+    )
+    parser.add_argument(
+        "--max-ms-per-image",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="with --setting auto: choose only settings that predict an image within MS "
+        "milliseconds on this machine (measured during the choice)",
     )
 
 
@@ -215,9 +226,10 @@ def detector_options(parser: argparse.ArgumentParser, methods: Sequence[str]) ->
         zero_shot_options(parser)
 
 
-def setting_from(args: argparse.Namespace, method: str | None = None) -> Setting:
+def setting_from(args: argparse.Namespace, method: str | None = None) -> Setting | str:
     """The setting the options name: --setting (where the subcommand has it), changed by every
-    setting option given, and by `method` (else --method) where one is named."""
+    setting option given, and by `method` (else --method) where one is named; "auto" where
+    it is asked for and no option pins one."""
     changes = {
         field: getattr(args, CLI_NAMES.get(field, field))
         for field in FIELDS
@@ -227,7 +239,7 @@ def setting_from(args: argparse.Namespace, method: str | None = None) -> Setting
     chosen = method or getattr(args, "method", None)
     if chosen is not None:
         changes["method"] = chosen
-    return named_setting(getattr(args, "setting", "default")).replace(**changes)
+    return resolve_setting(getattr(args, "setting", "default"), changes)
 
 
 def detector_from(args: argparse.Namespace, method: str | None = None, **extra) -> Detector:
@@ -255,5 +267,6 @@ def fitted_detector_from(args: argparse.Namespace, method: str | None = None, **
         augment=not args.no_augment,
         scorer=scorer_from(args) if "mutual_sizes" in args else None,
         dense_map=args.dense_map,
+        max_ms_per_image=args.max_ms_per_image,
         **extra,
     )

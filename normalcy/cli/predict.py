@@ -122,7 +122,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     detector.progress = not args.json
     if args.dense_map is not None:
         if args.dense_map and (
-            detector.setting.method == GOLDEN or detector.setting.tile_scale is not None
+            detector.active_setting.method == GOLDEN
+            or detector.active_setting.tile_scale is not None
         ):
             raise ValueError(f"{model_dir}: golden and tiled models take no --dense-map")
         detector.dense_map = args.dense_map

@@ -27,7 +27,7 @@ def _fit_part(params: dict[str, Any], sources: list[str], first: int) -> dict[st
     grids = fitting.bank_grids(
         detector, fitting.decoded(detector, sources, "fit", readable=readable), False
     )
-    if detector.setting.method == "gaussian":
+    if detector.active_setting.method == "gaussian":
         state: Any = FeatureSums()
         for grid in grids:
             state.add(grid)
@@ -59,7 +59,7 @@ def fit(
     moments of their images (all but every 10th), the driver adds the sums (the same
     statistics) and the held-out images are scored in tasks too.
     """
-    method = detector.setting.method
+    method = detector.active_setting.method
     if method not in ("patchknn", "gaussian") or detector.shots is not None:
         raise ValueError(
             f"a fit on Ray builds full-shot patchknn or gaussian models, not {method!r}"

@@ -60,7 +60,7 @@ def zero_shot(
     from normalcy.methods.mutual import sub_batches
 
     scorer = detector.mutual_scorer()
-    if detector.setting.method != "mutual" or scorer.rescore_neighbours:
+    if detector.active_setting.method != "mutual" or scorer.rescore_neighbours:
         raise ValueError(
             "zero-shot on Ray scores with method mutual and no re-scoring (--mutual-rescore 0):"
             " re-scoring compares image scores across the whole set"

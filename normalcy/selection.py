@@ -1,0 +1,228 @@
+"""Choosing a setting from normal images alone (`--setting auto`).
+
+Each candidate setting is fitted on part of the normal images and scored on the others, as
+they are and with planted defects (`planting`): image AUROC (planted against clean) and AUPRO
+on the planted masks, and its predict time from the files, measured here. The chosen one has
+the best mean of the two among those within the time budget; candidates within `TIE` of the
+best count as tied and the fastest of them wins, so detail is paid for only where it pays.
+Model selection with synthetic anomalies: Fung et al. (2023), "Model selection of anomaly
+detectors in the absence of labeled validation data".
+
+The pure function here knows nothing of `Detector`: it is given a way to make an unfitted
+detector from a setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from normalcy.data import ImageInput, ImageLoadError, load_image
+from normalcy.metrics import aupro, image_auroc
+from normalcy.planting import KINDS, plant
+from normalcy.setting import SETTINGS, Setting
+
+log = logging.getLogger("normalcy")
+
+# The family `auto` chooses from, by name in `SETTINGS`: the whole image at two resolutions,
+# DINOv2 tiles, and the two fine-detail settings.
+CANDIDATES = ("default", "dinov2-448", "dinov2-tiles", "fine-detail", "fine-detail-outline")
+FIT_IMAGES = 24  # normal images each candidate is fitted on, at most
+HELD_IMAGES = 12  # normal images scored clean and planted, at most
+PLANTS_PER_IMAGE = 2  # planted defects per held-out image, each its own image
+MIN_IMAGES = 6  # fewer normal images than this leave too few to fit and score
+TIE = 0.01  # objectives this close are tied; the faster setting wins
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate's results on the planted defects."""
+
+    name: str
+    image_auroc: float
+    aupro: float
+    ms_per_image: float
+    fit_seconds: float
+    within_budget: bool
+
+    @property
+    def objective(self) -> float:
+        """What the choice maximises: the mean of planted image AUROC and AUPRO."""
+        return (self.image_auroc + self.aupro) / 2
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen setting's name, every candidate's trial, and what they were measured on."""
+
+    chosen: str
+    trials: tuple[Trial, ...]
+    fit_images: int
+    held_images: int
+    planted_images: int
+    max_ms_per_image: float | None
+    seed: int
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["trials"] = [{**asdict(t), "objective": t.objective} for t in self.trials]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Selection:
+        """What `to_json` wrote; anything else raises a ValueError."""
+        try:
+            trials = tuple(
+                Trial(**{k: v for k, v in t.items() if k != "objective"}) for t in data["trials"]
+            )
+            return cls(**{**data, "trials": trials})
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"not a setting selection ({error})") from None
+
+    def table(self) -> str:
+        """The candidates as a text table, the chosen one marked."""
+        lines = ["setting              planted AUROC  planted AUPRO  ms/img  fit s  chosen"]
+        for t in self.trials:
+            mark = "*" if t.name == self.chosen else ("over budget" if not t.within_budget else "")
+            lines.append(
+                f"{t.name:<20} {t.image_auroc:>13.3f}  {t.aupro:>13.3f}  {t.ms_per_image:>6.0f}"
+                f"  {t.fit_seconds:>5.1f}  {mark}"
+            )
+        return "\n".join(lines)
+
+
+def split(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """(fit, held out) indices of `n` normal images, drawn by `seed`."""
+    if n < MIN_IMAGES:
+        raise ValueError(
+            f"choosing a setting needs at least {MIN_IMAGES} normal images, got {n}; "
+            "name one instead (--setting NAME)"
+        )
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    held = min(HELD_IMAGES, n // 3)
+    return sorted(order[held : held + FIT_IMAGES]), sorted(order[:held])
+
+
+def planted_set(
+    images: Sequence[np.ndarray], seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each image clean, then `PLANTS_PER_IMAGE` planted copies of each, kinds taken in turn;
+    (images, masks)."""
+    rng = np.random.default_rng(seed)
+    out, masks = list(images), [np.zeros(i.shape[:2], dtype=bool) for i in images]
+    for i, image in enumerate(images):
+        for j in range(PLANTS_PER_IMAGE):
+            planted = plant(image, rng, KINDS[(i * PLANTS_PER_IMAGE + j) % len(KINDS)])
+            out.append(planted.image)
+            masks.append(planted.mask)
+    return out, masks
+
+
+def select_setting(
+    sources: Sequence[ImageInput],
+    make_detector: Callable[[Setting], Any],
+    candidates: Mapping[str, Setting] | None = None,
+    max_ms_per_image: float | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Selection:
+    """The candidate (default: `CANDIDATES`) whose fit on part of `sources` finds defects
+    planted into the rest best, within `max_ms_per_image` when given (see the module
+    docstring). `make_detector(setting)` gives an unfitted detector in that setting."""
+    candidates = candidates or {name: SETTINGS[name] for name in CANDIDATES}
+    fit_at, held_at = split(len(sources), seed)
+    fit_sources = [sources[i] for i in fit_at]
+    held_sources, held_images = [], []
+    for i in held_at:
+        try:
+            held_images.append(load_image(sources[i]))
+            held_sources.append(sources[i])
+        except ImageLoadError as error:
+            log.warning("skipped %s", error)
+    images, masks = planted_set(held_images, seed)
+    labels = [0] * len(held_images) + [1] * (len(images) - len(held_images))
+    trials = []
+    bar = tqdm(candidates.items(), desc="choosing a setting", unit="setting", disable=not progress)
+    for name, setting in bar:
+        bar.set_postfix_str(name)
+        trials.append(
+            _trial(name, make_detector(setting), fit_sources, held_sources, images, masks, labels)
+        )
+    trials = [
+        Trial(**{**asdict(t), "within_budget": _within(t.ms_per_image, max_ms_per_image)})
+        for t in trials
+    ]
+    return Selection(
+        choose(trials),
+        tuple(trials),
+        len(fit_sources),
+        len(held_images),
+        len(images) - len(held_images),
+        max_ms_per_image,
+        seed,
+    )
+
+
+def _within(ms: float, budget: float | None) -> bool:
+    return budget is None or ms <= budget
+
+
+def choose(trials: Sequence[Trial]) -> str:
+    """The name of the best trial within budget, the fastest of those within `TIE` of it; the
+    fastest of all where none is within budget."""
+    eligible = [t for t in trials if t.within_budget]
+    if not eligible:
+        fastest = min(trials, key=lambda t: t.ms_per_image)
+        log.warning(
+            "no setting predicts within the time budget; choosing the fastest, %s (%.0f ms)",
+            fastest.name,
+            fastest.ms_per_image,
+        )
+        return fastest.name
+    best = max(t.objective for t in eligible)
+    tied = [t for t in eligible if t.objective >= best - TIE]
+    return min(tied, key=lambda t: t.ms_per_image).name
+
+
+def _trial(
+    name: str,
+    detector: Any,
+    fit_sources: Sequence[ImageInput],
+    held_sources: Sequence[ImageInput],
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    labels: Sequence[int],
+) -> Trial:
+    """Fit one candidate, time its predict from the held-out files, and score the clean and
+    planted images. Its warnings (a rate its few images cannot promise, files skipped) are
+    the final fit's to give, once."""
+    with _quiet():
+        start = time.perf_counter()
+        detector.fit(fit_sources)
+        fit_seconds = time.perf_counter() - start
+        list(detector.predict_iter(held_sources[:1]))  # warm-up: first-call costs are not per image
+        start = time.perf_counter()
+        list(detector.predict_iter(held_sources))  # from the files: decoding included
+        ms = 1000 * (time.perf_counter() - start) / max(1, len(held_sources))
+        predictions = list(detector.predict_iter(list(images)))
+    scores = [p.score for p in predictions]
+    maps = [p.anomaly_map for p in predictions]
+    return Trial(name, image_auroc(labels, scores), aupro(masks, maps), ms, fit_seconds, True)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The library's log at errors only, for the time of the block."""
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -1,0 +1,64 @@
+"""Tests for normalcy.planting: defects planted with exact masks, of every kind and size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from normalcy.planting import KINDS, LARGEST_SHARE, SMALLEST, defect_size, plant
+
+
+def _board(seed: int = 0, shape: tuple[int, int] = (120, 160)) -> np.ndarray:
+    """Grey substrate with one-pixel traces and pads, a little noise."""
+    rng = np.random.default_rng(seed)
+    image = np.full((*shape, 3), 60.0)
+    image[::8, :] = 200
+    image[:, 5::12] = 200
+    image[20:30, 40:52] = 230
+    image += rng.normal(0, 3, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_changes_exactly_the_pixels_its_mask_covers(kind: str) -> None:
+    image = _board()
+    for seed in range(5):
+        planted = plant(image, np.random.default_rng(seed), kind)
+        changed = (planted.image != image).any(axis=2)
+        np.testing.assert_array_equal(planted.mask, changed)  # both are boolean
+        assert planted.mask.sum() >= 4 and planted.kind == kind
+        assert planted.image.dtype == np.uint8 and planted.image.shape == image.shape
+
+
+def test_planted_defects_stay_small_next_to_the_image() -> None:
+    image = _board(shape=(200, 300))
+    for seed in range(30):
+        planted = plant(image, np.random.default_rng(seed))
+        rows, cols = np.nonzero(planted.mask)
+        extent = max(np.ptp(rows), np.ptp(cols)) + 1
+        assert extent <= 2 * LARGEST_SHARE * 200 + 2  # a warp or blend may spread a little
+        assert planted.mask.mean() < 0.05
+
+
+def test_sizes_run_from_a_few_pixels_to_a_tenth_of_the_short_side() -> None:
+    rng = np.random.default_rng(0)
+    sizes = [defect_size((480, 640, 3), rng) for _ in range(2000)]
+    assert min(sizes) == SMALLEST and max(sizes) == int(LARGEST_SHARE * 480)
+    assert np.median(sizes) < 20  # log-uniform: small defects as often as large ones
+
+
+def test_planting_is_deterministic_for_a_seed_and_leaves_the_input_alone() -> None:
+    image = _board()
+    original = image.copy()
+    first = plant(image, np.random.default_rng(3))
+    again = plant(image, np.random.default_rng(3))
+    np.testing.assert_array_equal(first.image, again.image)  # the same integer pixels
+    np.testing.assert_array_equal(image, original)
+    assert first.kind == again.kind and first.size == again.size
+
+
+def test_a_bad_image_or_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        plant(np.zeros((10, 10)), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="unknown defect kind 'scratch'"):
+        plant(_board(), np.random.default_rng(0), "scratch")
