@@ -14,6 +14,9 @@ Each kind stands for a way parts fail, not for a data set's defect types:
 - warp: a small local displacement of the image: dents, bent leads, misplaced features.
 Sizes run from a few pixels to about a tenth of the image's short side. The mask is exactly
 the set of pixels whose value changed.
+
+`vary` makes the opposite: a normal image as the line may also see it (exposure and sensor
+noise changed), which a setting must not take for a defect.
 """
 
 from __future__ import annotations
@@ -71,6 +74,14 @@ def plant(
         if mask.sum() >= min(MIN_CHANGED, size * size):
             break
     return Planted(planted, mask, kind, size)
+
+
+def vary(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`image` with a benign change of exposure (gamma 0.8 to 1.25, gain 0.9 to 1.1) and
+    sensor noise (2 grey levels): still normal."""
+    scaled = (image.astype(np.float32) / 255) ** rng.uniform(0.8, 1.25) * rng.uniform(0.9, 1.1)
+    noisy = scaled * 255 + rng.normal(0, 2, image.shape)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------ regions

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from normalcy.planting import KINDS, LARGEST_SHARE, SMALLEST, defect_size, plant
+from normalcy.planting import KINDS, LARGEST_SHARE, SMALLEST, defect_size, plant, vary
 
 
 def _board(seed: int = 0, shape: tuple[int, int] = (120, 160)) -> np.ndarray:
@@ -62,3 +62,13 @@ def test_a_bad_image_or_kind_is_refused() -> None:
         plant(np.zeros((10, 10)), np.random.default_rng(0))
     with pytest.raises(ValueError, match="unknown defect kind 'scratch'"):
         plant(_board(), np.random.default_rng(0), "scratch")
+
+
+def test_a_varied_image_is_the_same_scene_in_other_exposure_and_noise() -> None:
+    image = _board()
+    varied = vary(image, np.random.default_rng(1))
+    assert varied.shape == image.shape and varied.dtype == np.uint8
+    difference = varied.astype(int) - image
+    assert (difference != 0).mean() > 0.5  # exposure and noise touch most pixels
+    correlation = np.corrcoef(varied.ravel(), image.ravel())[0, 1]
+    assert correlation > 0.95  # but it is the same scene
