@@ -4,9 +4,9 @@ Each candidate setting is fitted on part of the normal images and scored on the 
 they are, with a benign change of exposure and noise (`planting.vary`: still normal, since a
 line's lighting drifts), and with planted defects (`planting.plant`). It is judged by image
 AUROC (planted against both kinds of normal) and AUPRO on the planted masks, and by its
-predict time from the files, measured here. The chosen one has
-the best mean of the two among those within the time budget; candidates within `TIE` of the
-best count as tied and the fastest of them wins, so detail is paid for only where it pays.
+predict time from the files, measured here. The chosen one has the best mean of the two
+among those within the time budget; candidates within `TIE` of the best count as tied and
+the fastest of them wins, so detail is paid for only where it pays.
 Model selection with synthetic anomalies: Fung et al. (2023), "Model selection of anomaly
 detectors in the absence of labeled validation data".
 
@@ -100,32 +100,57 @@ class Selection:
         return "\n".join(lines)
 
 
-def split(n: int, seed: int) -> tuple[list[int], list[int]]:
-    """(fit, held out) indices of `n` normal images, drawn by `seed`."""
+def split(
+    n: int, seed: int, fit_max: int = FIT_IMAGES, held_max: int = HELD_IMAGES
+) -> tuple[list[int], list[int]]:
+    """(fit, held out) indices of `n` normal images, drawn by `seed`: a third (at most
+    `held_max`) held out, of the rest at most `fit_max` to fit on."""
     if n < MIN_IMAGES:
         raise ValueError(
-            f"choosing a setting needs at least {MIN_IMAGES} normal images, got {n}; "
-            "name one instead (--setting NAME)"
+            f"fitting on some normal images and planting defects into others needs at least "
+            f"{MIN_IMAGES} images, got {n}"
         )
     order = np.random.default_rng(seed).permutation(n).tolist()
-    held = min(HELD_IMAGES, n // 3)
-    return sorted(order[held : held + FIT_IMAGES]), sorted(order[:held])
+    held = min(held_max, n // 3)
+    return sorted(order[held : held + fit_max]), sorted(order[:held])
 
 
-def planted_set(
-    images: Sequence[np.ndarray], seed: int
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Each image as it is, then each varied (`vary`), then `PLANTS_PER_IMAGE` planted copies
-    of each, kinds taken in turn; (images, masks: empty for the normal ones)."""
+@dataclass(frozen=True)
+class PlantedSet:
+    """Normal images as they are, varied (`vary`), and with defects planted (`plant`)."""
+
+    images: list[np.ndarray]
+    masks: list[np.ndarray]  # empty for the normal ones
+    kinds: list[str]  # "normal", "varied", or the planted defect's kind
+
+    @property
+    def labels(self) -> list[int]:
+        return [int(kind not in ("normal", "varied")) for kind in self.kinds]
+
+
+def planted_set(images: Sequence[np.ndarray], seed: int) -> PlantedSet:
+    """Each image as it is, then each varied, then `PLANTS_PER_IMAGE` planted copies of each,
+    kinds taken in turn."""
     rng = np.random.default_rng(seed)
     out = [*images, *(vary(image, rng) for image in images)]
     masks = [np.zeros(i.shape[:2], dtype=bool) for i in out]
+    kinds = ["normal"] * len(images) + ["varied"] * len(images)
     for i, image in enumerate(images):
         for j in range(PLANTS_PER_IMAGE):
             planted = plant(image, rng, KINDS[(i * PLANTS_PER_IMAGE + j) % len(KINDS)])
             out.append(planted.image)
             masks.append(planted.mask)
-    return out, masks
+            kinds.append(planted.kind)
+    return PlantedSet(out, masks, kinds)
+
+
+def score_planted(detector: Any, planted: PlantedSet) -> tuple[float, float, list[Any]]:
+    """(image AUROC of planted against normal, AUPRO on the planted masks, the predictions)
+    of a fitted detector."""
+    predictions = list(detector.predict_iter(list(planted.images)))
+    scores = [p.score for p in predictions]
+    maps = [p.anomaly_map for p in predictions]
+    return image_auroc(planted.labels, scores), aupro(planted.masks, maps), predictions
 
 
 def select_setting(
@@ -149,16 +174,12 @@ def select_setting(
             held_sources.append(sources[i])
         except ImageLoadError as error:
             log.warning("skipped %s", error)
-    images, masks = planted_set(held_images, seed)
-    normal_count = 2 * len(held_images)
-    labels = [0] * normal_count + [1] * (len(images) - normal_count)
+    planted = planted_set(held_images, seed)
     trials = []
     bar = tqdm(candidates.items(), desc="choosing a setting", unit="setting", disable=not progress)
     for name, setting in bar:
         bar.set_postfix_str(name)
-        trials.append(
-            _trial(name, make_detector(setting), fit_sources, held_sources, images, masks, labels)
-        )
+        trials.append(_trial(name, make_detector(setting), fit_sources, held_sources, planted))
     trials = [
         Trial(**{**asdict(t), "within_budget": _within(t.ms_per_image, max_ms_per_image)})
         for t in trials
@@ -168,7 +189,7 @@ def select_setting(
         tuple(trials),
         len(fit_sources),
         len(held_images),
-        len(images) - normal_count,
+        sum(planted.labels),
         max_ms_per_image,
         seed,
     )
@@ -200,9 +221,7 @@ def _trial(
     detector: Any,
     fit_sources: Sequence[ImageInput],
     held_sources: Sequence[ImageInput],
-    images: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    labels: Sequence[int],
+    planted: PlantedSet,
 ) -> Trial:
     """Fit one candidate, time its predict from the held-out files, and score the clean and
     planted images. Its warnings (a rate its few images cannot promise, files skipped) are
@@ -215,10 +234,8 @@ def _trial(
         start = time.perf_counter()
         list(detector.predict_iter(held_sources))  # from the files: decoding included
         ms = 1000 * (time.perf_counter() - start) / max(1, len(held_sources))
-        predictions = list(detector.predict_iter(list(images)))
-    scores = [p.score for p in predictions]
-    maps = [p.anomaly_map for p in predictions]
-    return Trial(name, image_auroc(labels, scores), aupro(masks, maps), ms, fit_seconds, True)
+        auroc, region_overlap, _ = score_planted(detector, planted)
+    return Trial(name, auroc, region_overlap, ms, fit_seconds, True)
 
 
 @contextlib.contextmanager

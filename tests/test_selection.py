@@ -89,7 +89,7 @@ def test_ties_go_to_the_faster_setting_and_the_budget_is_kept() -> None:
 
 
 def test_too_few_images_to_choose_is_said(traces: list[Path]) -> None:
-    with pytest.raises(ValueError, match="at least 6 normal images"):
+    with pytest.raises(ValueError, match="at least 6 images, got 5"):
         select_setting(traces[:5], _make, FAMILY)
 
 
@@ -128,3 +128,30 @@ def test_an_explicit_option_pins_the_setting_and_skips_the_choice(
     assert main([*argv, *FAST_OPTIONS]) == 0
     config = json.loads((tmp_path / "p" / "config.json").read_text())
     assert config["selection"] is None and config["setting"]["image_size"] == 64
+
+
+def test_eval_planted_measures_a_setting_or_a_model_and_reports_synthetic_defects(
+    traces: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, results, report = traces[0].parent, tmp_path / "planted.json", tmp_path / "r.html"
+    argv = ["eval", "--planted", str(folder), *FAST_OPTIONS, "--tile-scale", "1"]
+    assert main([*argv, "--json", str(results), "--report", str(report)]) == 0
+    assert "synthetic, not real defects" in capsys.readouterr().out
+    row = json.loads(results.read_text())["planted"]
+    assert (row["fitted_on"], row["normal_images"], row["planted_images"]) == (12, 5, 10)
+    assert row["setting"]["tile_scale"] == 1.0
+    assert 0.5 < row["planted_image_auroc"] <= 1.0 and 0.0 < row["planted_aupro"] <= 1.0
+    html = report.read_text()
+    assert "SYNTHETIC defects" in html and "synthetic: line" in html
+    model = tmp_path / "model"
+    assert main(["fit", str(folder), "-o", str(model), *FAST_OPTIONS]) == 0
+    assert (
+        main(["eval", "--planted", str(folder), "--model", str(model), "--json", str(results)]) == 0
+    )
+    row = json.loads(results.read_text())["planted"]
+    assert (row["fitted_on"], row["normal_images"], row["planted_images"]) == (0, 17, 34)
+
+
+def test_eval_without_data_or_planted_images_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval"]) == 2
+    assert "--planted NORMAL_DIR" in capsys.readouterr().err
