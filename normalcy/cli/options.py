@@ -30,13 +30,16 @@ DENSE_MAP_HELP = (
 
 
 def setting_option(parser: Parser) -> None:
+    named = "; ".join(
+        f"{name}: {' '.join(v.flags()) or 'the defaults'}" for name, v in SETTINGS.items()
+    )
     parser.add_argument(
         "--setting",
         default="default",
         choices=[*sorted(SETTINGS), AUTO],
         help="a named setting (backbone, input size or tiles, layers, method, maps), to which "
         "the options below make changes: "
-        + "; ".join(f"{name}: {' '.join(s.flags()) or 'as listed'}" for name, s in SETTINGS.items())
+        + named
         + f"; auto: fit chooses among {', '.join(CANDIDATES)} by how well each finds defects "
         "planted into normal images it was not fitted on (any option below pins the default "
         "instead) (default: default)",
