@@ -124,9 +124,8 @@ def _checked_size(detector: Detector, size: tuple[int, int] | None) -> tuple[int
     stride = detector.backbone_.stride
     if size is None:
         if detector.input_size_ is None:  # saved before it was recorded: a square image
-            return detector.backbone_.network_size(
-                detector.active_setting.image_size, detector.active_setting.image_size
-            )
+            side = detector.active_setting.image_size
+            return detector.backbone_.network_size(side, side)
         return tuple(detector.input_size_)  # type: ignore[return-value]
     if any(side < stride or side % stride for side in size):
         raise ValueError(

@@ -69,21 +69,22 @@ def augmentations(image: np.ndarray) -> list[np.ndarray]:
 
 def new_method(detector: Detector, few_shot: bool) -> Method:
     """An unfitted instance of the detector's method, in its settings."""
-    if detector.active_setting.method == MutualScorer.name:
+    setting = detector.active_setting
+    if setting.method == MutualScorer.name:
         raise ValueError(
             "the mutual method is zero-shot: it needs no fit; call zero_shot(images) "
             "(CLI: normalcy predict --zero-shot INPUT_DIR -o OUT)"
         )
     settings = FitSettings(
         few_shot=few_shot,
-        coreset_ratio=detector.active_setting.coreset_ratio,
-        max_bank_size=detector.active_setting.max_bank_size,
+        coreset_ratio=setting.coreset_ratio,
+        max_bank_size=setting.max_bank_size,
         seed=detector.seed,
         precision=detector.precision,
-        low_variance_fraction=detector.active_setting.low_variance_fraction,
+        low_variance_fraction=setting.low_variance_fraction,
         context_half=detector.backbone_model().context > 0,
     )
-    return method_for(detector.active_setting.method, settings)
+    return method_for(setting.method, settings)
 
 
 def decoded(

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as dump_arrays
 
+from normalcy.selection import Selection
 from normalcy.setting import Setting
 
 try:
@@ -244,14 +245,15 @@ _LEGACY_SETTING: dict[str, tuple[tuple[str, ...], Any]] = {
 
 
 def _upgrade_setting(config: dict[str, Any], path: Path) -> None:
-    """Gather a format 1 or 2 config's setting fields into "setting", as format 3 holds them."""
+    """Gather a format 1 or 2 config's setting fields into "setting", as format 3 holds them
+    (the old keys stay, unread)."""
     setting = {}
     for field, (keys, default) in _LEGACY_SETTING.items():
         parent = config
         for key in keys[:-1]:
             parent = parent.get(key) if isinstance(parent, dict) else None
         if isinstance(parent, dict) and keys[-1] in parent:
-            setting[field] = parent.pop(keys[-1]) if keys[0] != "method" else parent[keys[-1]]
+            setting[field] = parent[keys[-1]]
         elif default is _REQUIRED:
             raise ModelFileError(path, f"{'.'.join(keys)!r} is missing")
         else:
@@ -387,8 +389,10 @@ def _checked(config: dict[str, Any], path: Path) -> dict[str, Any]:
             raise ModelFileError(
                 path, f"{name!r} must be {expected}, got {json.dumps(parent[keys[-1]])[:80]}"
             )
-    try:
-        Setting.from_json(config["setting"])
-    except (TypeError, ValueError) as error:
-        raise ModelFileError(path, f"'setting': {error}") from None
+    for key, reader in (("setting", Setting.from_json), ("selection", Selection.from_json)):
+        try:
+            if config[key] is not None:
+                reader(config[key])
+        except (TypeError, ValueError) as error:
+            raise ModelFileError(path, f"{key!r}: {error}") from None
     return config

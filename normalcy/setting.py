@@ -17,10 +17,13 @@ from typing import Any
 
 from normalcy.backbones import BACKBONES, MAX_IMAGE_SIZE, input_stride
 from normalcy.methods import METHODS
+from normalcy.methods.fused import KNNGaussianFusion
+from normalcy.methods.mutual import MutualScorer
+from normalcy.methods.patchknn import PatchKNN
 from normalcy.postprocess import SIGMA_AT_256, UPSAMPLING
 
 AUTO = "auto"  # chosen by `fit` from the normal images (`normalcy.selection`)
-ZERO_SHOT_METHOD = "mutual"  # scores a batch against itself: no fit (`Detector.zero_shot`)
+ZERO_SHOT_METHOD = MutualScorer.name  # scores a batch against itself: no fit
 # The largest values a setting may hold: beyond them a fit would take hours or the option
 # would do nothing more.
 MAX_CONTEXT = 100
@@ -30,7 +33,7 @@ MAX_SIGMA = 1000
 # Weight of the image-context half of each patch descriptor (see `aggregate`) when a setting
 # gives none: equal to the appearance half for the patch-kNN methods, off for the methods it
 # was not measured with.
-DEFAULT_CONTEXT = {"patchknn": 1.0, "patchknn+gaussian": 1.0}
+DEFAULT_CONTEXT = {PatchKNN.name: 1.0, KNNGaussianFusion.name: 1.0}
 
 
 def _is_number(value: Any) -> bool:
@@ -180,9 +183,7 @@ class Setting:
             if value == field.default:
                 continue
             flag = "--" + CLI_NAMES.get(field.name, field.name).replace("_", "-")
-            if isinstance(value, bool):
-                out.append(flag if value else "--no-" + flag[2:])
-            elif isinstance(value, tuple):
+            if isinstance(value, tuple):
                 out += [flag, *map(str, value)]
             else:
                 out += [flag, f"{value:g}" if isinstance(value, float) else str(value)]

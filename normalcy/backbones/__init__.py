@@ -306,7 +306,6 @@ class Backbone(nn.Module):
         return self._grid_shape[1]
 
 
-# name -> (builder returning (network, stride, channels_last), default layers, default pooling)
 class BackboneSpec(NamedTuple):
     """How to build a backbone, and what a setting needs to know of it before it is built."""
 

@@ -121,10 +121,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     detector = Detector.load(model_dir, weights=args.weights, device=args.device)
     detector.progress = not args.json
     if args.dense_map is not None:
-        if args.dense_map and (
-            detector.active_setting.method == GOLDEN
-            or detector.active_setting.tile_scale is not None
-        ):
+        setting = detector.active_setting
+        if args.dense_map and (setting.method == GOLDEN or setting.tile_scale is not None):
             raise ValueError(f"{model_dir}: golden and tiled models take no --dense-map")
         detector.dense_map = args.dense_map
     if args.threshold is not None:
