@@ -45,6 +45,10 @@ class Calibration:
         return asdict(self)
 
 
+# The scheme of a fit asked for no threshold (`Detector.fit(calibrate=False)`).
+UNCALIBRATED = "not calibrated"
+
+
 def min_supported_fpr(n_scores: int) -> float:
     """The smallest false-positive rate a threshold from `n_scores` normal scores can promise."""
     return 1.0 / (n_scores + 1)
@@ -117,6 +121,7 @@ def thresholds_from(
         source = f"fpr {fpr} on {len(scores)} normal images, {scheme}"
     else:
         threshold, source = None, "none"
+    if threshold is None and scheme != UNCALIBRATED:
         log.warning(
             "no held-out normal image could be scored (one image leaves none to hold out): "
             "no decision threshold is set; pass threshold= (CLI --threshold) or give more "

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from normalcy import __version__, fitting, saving
 from normalcy.backbones import Backbone, create_backbone, resolve_device, resolve_precision
+from normalcy.backbones.memo import ForwardMemo
 from normalcy.data import ImageInput, ImageLoadError
 from normalcy.inputs import LoadedImage, expand_inputs
 from normalcy.methods.base import Method
@@ -64,17 +65,18 @@ def check_params(
     before any long work starts."""
     if max_ms_per_image is not None and not max_ms_per_image > 0:
         raise ValueError(f"max_ms_per_image must be positive, got {max_ms_per_image}")
-    if not isinstance(setting, Setting):  # AUTO: each candidate is checked when made
-        return
-    if setting.method == GOLDEN and dense_map:
-        raise ValueError("golden templates compare grids of the references' shape: no dense map")
-    if setting.tile_scale is not None and dense_map:
-        raise ValueError("the dense map is not available with tiles")
-    if setting.method == GOLDEN and shots is not None:
-        raise ValueError(
-            "golden templates compare each image with every reference as it is, aligned: "
-            "give the references without --shots (they are not augmented)"
-        )
+    if isinstance(setting, Setting):  # AUTO: each candidate is checked when made
+        if setting.method == GOLDEN and dense_map:
+            raise ValueError(
+                "golden templates compare grids of the references' shape: no dense map"
+            )
+        if setting.tile_scale is not None and dense_map:
+            raise ValueError("the dense map is not available with tiles")
+        if setting.method == GOLDEN and shots is not None:
+            raise ValueError(
+                "golden templates compare each image with every reference as it is, aligned: "
+                "give the references without --shots (they are not augmented)"
+            )
     if shots is not None and shots < 1:
         raise ValueError(f"shots must be at least 1, got {shots}")
     if not 0 <= fpr < 1:
@@ -89,10 +91,11 @@ class Detector:
     """Anomaly detector over frozen backbone features.
 
     setting: what decides features and scores (backbone, input size or tiles, layers, method,
-        map making): a `Setting`, the name of one in `normalcy.setting.SETTINGS` ("default":
-        DINOv2 at 224 px, patch kNN), or "auto": `fit` chooses among `selection.CANDIDATES`
-        by how well each finds defects planted into normal images it did not fit on (see
-        `normalcy.selection`). Keyword arguments named after its fields (`backbone=`,
+        map making): "auto" (the default): `fit` chooses among `selection.CANDIDATES` by how
+        well each finds defects planted into normal images it did not fit on (see
+        `normalcy.selection`; with fewer than 6 images or few-shot, the default setting);
+        or a `Setting`, or the name of one in `normalcy.setting.SETTINGS` ("default":
+        DINOv2 at 224 px, patch kNN). Keyword arguments named after its fields (`backbone=`,
         `image_size=`, `method=`, `tile_scale=`, ...) change those fields (and pin "auto"
         to the default setting, changed).
     max_ms_per_image: with "auto", the slowest predict per image (from the file, measured on
@@ -115,7 +118,7 @@ class Detector:
 
     def __init__(
         self,
-        setting: str | Setting = "default",
+        setting: str | Setting = AUTO,
         shots: int | None = None,
         augment: bool = True,
         fpr: float = 0.01,
@@ -201,28 +204,42 @@ class Detector:
         )
 
     # ----------------------------------------------------------------------- fit
-    def fit(self, normal: ImageInput | Sequence[ImageInput]) -> Detector:
+    def fit(self, normal: ImageInput | Sequence[ImageInput], calibrate: bool = True) -> Detector:
         """Learn normality from normal images (a folder, paths, arrays or PIL images).
 
         The threshold is set at the target false-positive rate from normal images scored by
         a model that did not see them (see `fitting`): patch kNN scores every image (up to
         500) against the bank without its own patches; other full-shot methods hold out every
         10th image; below 10 images, or few-shot, the others leave each image out in turn.
+        calibrate=False skips that scoring: every image goes into the model and no threshold
+        is set (scores and maps only; how settings are compared quickly).
         With setting "auto", the setting is chosen first (`selection_` says how).
         """
-        if self.setting == AUTO:
-            normal = expand_inputs(normal)
-            self.selection_ = self._select(normal)
-            chosen = self.selection_.chosen if self.selection_ else "default"
-            self.chosen_setting_ = SETTINGS[chosen]
-            self.backbone_ = None
-        return fitting.fit(self, normal)
+        if self.setting != AUTO:
+            return fitting.fit(self, normal, calibrate)
+        normal = expand_inputs(normal)
+        memo = ForwardMemo()  # the candidates' and the final fit's backbone passes, shared
+        self.select_setting(normal, memo)
+        with memo.attached(self.backbone_model()):
+            return fitting.fit(self, normal, calibrate)
 
-    def _select(self, normal: Sequence[ImageInput]) -> Selection | None:
-        """The choice among the candidate settings, or None where there is none to make (too
-        few images, or few-shot: the default setting is used)."""
+    def select_setting(
+        self, normal: ImageInput | Sequence[ImageInput], memo: ForwardMemo | None = None
+    ) -> Setting:
+        """With setting "auto", choose the setting from normal images, as `fit` does first:
+        sets `selection_` (None where there is no choice to make: too few images, or
+        few-shot; the default setting is used) and `chosen_setting_`, and returns it. The
+        candidates' backbones share `memo`."""
+        if self.setting != AUTO:
+            raise ValueError(f"the setting is pinned ({self.setting}), not {AUTO!r}")
+        self.selection_ = self._select(expand_inputs(normal), memo or ForwardMemo())
+        self.chosen_setting_ = SETTINGS[self.selection_.chosen if self.selection_ else "default"]
+        self.backbone_ = None
+        return self.chosen_setting_
+
+    def _select(self, normal: Sequence[ImageInput], memo: ForwardMemo) -> Selection | None:
         if self.shots is not None or len(normal) < MIN_IMAGES:
-            log.warning(
+            log.info(
                 "too few normal images to choose a setting (at least %d, full-shot): "
                 "fitting the default setting",
                 MIN_IMAGES,
@@ -231,11 +248,15 @@ class Detector:
         params = {**self.get_params(), "progress": False}
 
         def make(setting: Setting) -> Detector:
-            return Detector(**{**params, "setting": setting})
+            detector = Detector(**{**params, "setting": setting})
+            detector.backbone_model().memo = memo
+            return detector
 
         selection = select_setting(
             normal,
             make,
+            tiles=not self.dense_map,  # the dense map needs the whole image in one pass
+            memo=memo,
             max_ms_per_image=self.max_ms_per_image,
             seed=self.seed,
             progress=self.progress,

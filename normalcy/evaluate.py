@@ -25,6 +25,7 @@ from normalcy.datasets import (
 from normalcy.detector import MUTUAL, Detector, Prediction
 from normalcy.inputs import load_many
 from normalcy.metrics import aupro, f1_max, image_auroc, pixel_auroc
+from normalcy.setting import describe
 
 METRIC_KEYS = (
     "image_auroc",
@@ -71,6 +72,10 @@ class CategoryResult:
     n_train: int
     n_test: int
     by_defect: list[DefectResult] = field(default_factory=list)
+    # The setting fitted (its name, or the options that give it) and, where `auto` chose
+    # it, the choice (`Selection.to_json`).
+    setting: str = "default"
+    selection: dict[str, Any] | None = None
 
 
 def peak_rss_mb() -> float:
@@ -184,7 +189,16 @@ def evaluate_category(
         n_train=getattr(detector, "n_train_", 0),
         n_test=len(scored),
         by_defect=by_defect([s.defect for s, _ in scored], scores, masks, maps),
+        setting=describe(detector.active_setting),
+        selection=selection.to_json()
+        if (selection := getattr(detector, "selection_", None))
+        else None,
     )
+
+
+def _selection_json(detector: Detector) -> dict[str, Any] | None:
+    selection = getattr(detector, "selection_", None)
+    return selection.to_json() if selection is not None else None
 
 
 def by_defect(

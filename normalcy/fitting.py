@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from normalcy.calibration import CALIBRATION_MAX, thresholds_from
+from normalcy.backbones.memo import ForwardMemo
+from normalcy.calibration import CALIBRATION_MAX, UNCALIBRATED, thresholds_from
 from normalcy.data import ImageInput, ImageLoadError
 from normalcy.inputs import LoadedImage, decoded_ahead, expand_inputs
 from normalcy.methods import method_for
@@ -231,9 +232,21 @@ def _fit_from(detector: Detector, images: Iterator[LoadedImage], few_shot: bool)
     detector.method_.fit(bank_grids(detector, itertools.chain([first], images), few_shot))
 
 
-def fit(detector: Detector, normal: ImageInput | Sequence[ImageInput]) -> Detector:
+def fit(
+    detector: Detector, normal: ImageInput | Sequence[ImageInput], calibrate: bool = True
+) -> Detector:
     """Fit `detector` on normal images by the scheme their number and its method allow, then
-    set its thresholds (see the module docstring)."""
+    set its thresholds (see the module docstring); without `calibrate`, on all of them and
+    with no thresholds (scores and maps only, for comparing settings). Backbone outputs are
+    kept in a bounded memo for the fit, so the threshold's scoring of the fit's own images
+    reuses them."""
+    with ForwardMemo().attached(detector.backbone_model()):
+        return _fit(detector, normal, calibrate)
+
+
+def _fit(
+    detector: Detector, normal: ImageInput | Sequence[ImageInput], calibrate: bool
+) -> Detector:
     sources = expand_inputs(normal)
     if detector.shots is not None:
         if len(sources) < detector.shots:
@@ -246,17 +259,20 @@ def fit(detector: Detector, normal: ImageInput | Sequence[ImageInput]) -> Detect
     few_shot = detector.shots is not None
     fused = KNNGaussianFusion.name
     if detector.active_setting.method == fused and (
-        few_shot or len(sources) < MIN_IMAGES_FOR_HOLDOUT
+        few_shot or len(sources) < MIN_IMAGES_FOR_HOLDOUT or not calibrate
     ):
         raise ValueError(
-            f"method {fused} needs at least {MIN_IMAGES_FOR_HOLDOUT} normal images and no "
-            "--shots: it standardises its two scores on held-out normal images; "
-            "use patchknn for few-shot"
+            f"method {fused} needs at least {MIN_IMAGES_FOR_HOLDOUT} normal images, no "
+            "--shots and a calibrated fit: it standardises its two scores on held-out normal "
+            "images; use patchknn for few-shot"
         )
     detector.skipped_ = []
     detector.input_sizes_ = Counter()
     detector.method_ = new_method(detector, few_shot)
     enough = len(sources) >= MIN_IMAGES_FOR_HOLDOUT
+    if not calibrate:
+        _fit_from(detector, decoded(detector, sources, "fit"), few_shot)
+        return finish(detector, len(sources), [], [], UNCALIBRATED)
     if enough and detector.method_.leaves_out:
         readable: list[ImageInput] = []
         _fit_from(detector, decoded(detector, sources, "fit", readable=readable), few_shot)

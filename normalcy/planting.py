@@ -15,13 +15,16 @@ Each kind stands for a way parts fail, not for a data set's defect types:
 Sizes run from a few pixels to about a tenth of the image's short side. The mask is exactly
 the set of pixels whose value changed.
 
-`vary` makes the opposite: a normal image as the line may also see it (exposure and sensor
-noise changed), which a setting must not take for a defect.
+`vary` makes the opposite: a normal image as the line may also see it, which a setting must
+not take for a defect. How much it changes exposure and adds sensor noise is what the normal
+images themselves show (`Variation.of`): grey, noisy tiles whose brightness drifts are varied;
+binarised boards, whose levels and pixels never drift, are left as they are.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,12 +79,53 @@ def plant(
     return Planted(planted, mask, kind, size)
 
 
-def vary(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """`image` with a benign change of exposure (gamma 0.8 to 1.25, gain 0.9 to 1.1) and
-    sensor noise (2 grey levels): still normal."""
-    scaled = (image.astype(np.float32) / 255) ** rng.uniform(0.8, 1.25) * rng.uniform(0.9, 1.1)
-    noisy = scaled * 255 + rng.normal(0, 2, image.shape)
+# The most a varied image changes: exposure (log gain and log gamma) and noise (grey levels).
+MAX_EXPOSURE = math.log(1.25)
+MAX_NOISE = 2.0
+
+
+@dataclass(frozen=True)
+class Variation:
+    """The benign variation a set of normal images shows: `exposure`, the spread (standard
+    deviation) of the log of their bright level across the images; `noise`, the typical
+    grey-level noise within one (a median-filter residual's robust spread)."""
+
+    exposure: float
+    noise: float
+
+    @classmethod
+    def of(cls, images: Sequence[np.ndarray]) -> Variation:
+        """What `images` (uint8) show, each capped at the most `vary` applies."""
+        greys = [_grey(image) for image in images]
+        levels = [math.log(1 + float(np.percentile(g, 99))) for g in greys]
+        noise = [_noise_level(g) for g in greys]
+        spread = float(np.std(levels)) if len(levels) > 1 else 0.0
+        return cls(min(spread, MAX_EXPOSURE), min(float(np.median(noise)), MAX_NOISE))
+
+    @property
+    def any(self) -> bool:
+        """Whether the images vary at all (else a varied image is the image itself)."""
+        return self.exposure > 0 or self.noise > 0
+
+
+def vary(image: np.ndarray, rng: np.random.Generator, variation: Variation) -> np.ndarray:
+    """`image` with its exposure (gain and gamma, each within `variation.exposure` in log)
+    changed and `variation.noise` grey levels of noise added: still normal."""
+    gain, gamma = np.exp(rng.uniform(-variation.exposure, variation.exposure, 2))
+    scaled = (image.astype(np.float32) / 255) ** gamma * gain
+    noisy = scaled * 255 + rng.normal(0, variation.noise, image.shape)
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    return image.mean(axis=2) if image.ndim == 3 else image.astype(np.float32)
+
+
+def _noise_level(grey: np.ndarray) -> float:
+    """Grey levels of pixel noise: 1.4826 times the median absolute difference from the 3 x 3
+    median (0 for binarised or noiseless images, where most pixels equal their median)."""
+    residual = grey - ndimage.median_filter(grey, 3)
+    return 1.4826 * float(np.median(np.abs(residual)))
 
 
 # ------------------------------------------------------------------------------ regions

@@ -313,10 +313,12 @@ def write_report(
     metrics: Sequence[dict] | None = None,
     max_images: int = 200,
     breakdown: Sequence[dict] | None = None,
+    choices: Sequence[dict] | None = None,
 ) -> Path:
     """Write a self-contained HTML report and return its path.
 
-    Sections: metrics table and its breakdown by defect type (when given), score histogram
+    Sections: metrics table and its breakdown by defect type (when given), how `auto` chose
+    the setting (`choices`: one row per candidate, when given), score histogram
     with the threshold, ROC curve (when both classes are labelled) and up to `max_images`
     image cards. The file is replaced atomically, so a browser never sees half a report.
     """
@@ -341,6 +343,14 @@ def write_report(
         body += ["<h2>Metrics</h2>", _metrics_table(metrics)]
     if breakdown:
         body += ["<h2>By defect type</h2>", _metrics_table(breakdown)]
+    if choices:
+        body += [
+            "<h2>How the setting was chosen</h2>",
+            "<p>Each candidate fitted on some of the normal images and scored on others, "
+            "as they are and with defects planted into them (synthetic, not the test "
+            "set's).</p>",
+            _metrics_table(choices),
+        ]
     charts = [_histogram_svg(images, threshold)]
     if {im.label for im in labelled} >= {0, 1}:
         charts.append(_roc_svg(labelled))

@@ -176,7 +176,8 @@ class Setting:
         return cls(**data)
 
     def flags(self) -> list[str]:
-        """The `normalcy fit` options that give this setting (those unlike the default)."""
+        """The `normalcy fit` options that give this setting: those unlike the default, or
+        `--setting default` (without options, fit chooses its own)."""
         out: list[str] = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -187,7 +188,7 @@ class Setting:
                 out += [flag, *map(str, value)]
             else:
                 out += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-        return out
+        return out or ["--setting", "default"]
 
 
 FIELDS = frozenset(field.name for field in dataclasses.fields(Setting))
@@ -219,6 +220,12 @@ def named_setting(name: str) -> Setting:
     if name not in SETTINGS:
         raise ValueError(f"unknown setting {name!r}; choose one of {sorted(SETTINGS)}")
     return SETTINGS[name]
+
+
+def describe(setting: Setting) -> str:
+    """A setting's name in `SETTINGS` where it is one, else the options that give it."""
+    names = [name for name, named in SETTINGS.items() if named == setting]
+    return names[0] if names else " ".join(setting.flags())
 
 
 def resolve_setting(setting: str | Setting, changes: dict[str, Any]) -> Setting | str:

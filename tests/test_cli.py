@@ -42,6 +42,8 @@ RESULT_KEYS = METRIC_KEYS | {
     "by_defect",
     "n_train",
     "n_test",
+    "setting",
+    "selection",
 }
 
 

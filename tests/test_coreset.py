@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from normalcy.methods.coreset import StreamingCoreset, greedy_coreset, random_projection
+from normalcy.methods.coreset import (
+    PART_ROWS,
+    StreamingCoreset,
+    greedy_coreset,
+    random_projection,
+)
 
 
 def _blobs(
@@ -181,3 +186,14 @@ def test_finish_without_data_raises() -> None:
 def test_invalid_settings_are_rejected(ratio: float, max_size: int) -> None:
     with pytest.raises(ValueError):
         StreamingCoreset(ratio=ratio, max_size=max_size)
+
+
+def test_a_large_chunk_is_reduced_in_parts_each_a_coreset_of_its_rows() -> None:
+    rng = np.random.default_rng(0)
+    chunk = rng.standard_normal((2 * PART_ROWS + 10, 8)).astype(np.float32)
+    reduced = StreamingCoreset(0.1, 10**6).reduce(chunk, key=3)
+    parts = np.array_split(chunk, 3)
+    expected = [
+        part[np.sort(greedy_coreset(part, round(len(part) * 0.1), seed=3))] for part in parts
+    ]
+    np.testing.assert_array_equal(reduced, np.concatenate(expected))  # rows copied as they are

@@ -187,6 +187,19 @@ def test_the_gaussian_calibrates_on_every_tenth_image_held_out(
     assert "every 10th held out" in detector.threshold_source_
 
 
+def test_an_uncalibrated_fit_scores_like_the_calibrated_one_and_sets_no_threshold(
+    fitted: Detector, data: dict[str, list[Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="normalcy"):
+        quick = Detector(**OPTIONS).fit(data["train"][0].parent, calibrate=False)
+    assert not caplog.records  # no threshold was asked for: nothing to warn about
+    assert quick.threshold_ is None and quick.pixel_threshold_ is None
+    assert quick.calibration_.scheme == "not calibrated" and quick.n_train_ == 20
+    good, bad = quick.predict(data["good"]), quick.predict(data["bad"])
+    assert all(p.is_anomalous is None for p in good + bad)
+    assert_close(_scores(good + bad), _scores(fitted.predict(data["good"] + data["bad"])))
+
+
 def test_is_anomalous_follows_the_threshold(fitted: Detector, data: dict[str, list[Path]]) -> None:
     predictions = fitted.predict(data["good"] + data["bad"])
     for prediction in predictions:

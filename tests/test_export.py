@@ -227,7 +227,7 @@ def test_exported_models_score_real_images_as_the_library_does(name: str, tmp_pa
     if not root.is_dir():
         pytest.skip(f"{root} is absent (the dev data sets live in ../shared/data)")
     train = sorted((root / "train" / "good").glob("*"))[::40]
-    detector = Detector().fit(train)  # the defaults: DINOv2 ViT-S/14 at 224 px, patch kNN
+    detector = Detector("default").fit(train)  # DINOv2 ViT-S/14 at 224 px, patch kNN
     model = detector.save(tmp_path / "model")
     # Exported at the commonest network input size of the test images, checked on those.
     by_size: dict[tuple[int, int], list[Path]] = {}

@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from normalcy.planting import KINDS, LARGEST_SHARE, SMALLEST, defect_size, plant, vary
+from normalcy.planting import (
+    KINDS,
+    LARGEST_SHARE,
+    MAX_EXPOSURE,
+    MAX_NOISE,
+    SMALLEST,
+    Variation,
+    defect_size,
+    plant,
+    vary,
+)
 
 
 def _board(seed: int = 0, shape: tuple[int, int] = (120, 160)) -> np.ndarray:
@@ -66,9 +76,35 @@ def test_a_bad_image_or_kind_is_refused() -> None:
 
 def test_a_varied_image_is_the_same_scene_in_other_exposure_and_noise() -> None:
     image = _board()
-    varied = vary(image, np.random.default_rng(1))
+    varied = vary(image, np.random.default_rng(1), Variation(exposure=0.2, noise=2.0))
     assert varied.shape == image.shape and varied.dtype == np.uint8
     difference = varied.astype(int) - image
     assert (difference != 0).mean() > 0.5  # exposure and noise touch most pixels
     correlation = np.corrcoef(varied.ravel(), image.ravel())[0, 1]
     assert correlation > 0.95  # but it is the same scene
+
+
+def test_images_that_never_drift_are_not_varied() -> None:
+    rng = np.random.default_rng(0)
+    layouts = [np.kron(rng.random((8, 8)) > 0.5, np.ones((8, 8))) for _ in range(4)]
+    binarised = [
+        np.repeat(255 * layout[..., None], 3, axis=2).astype(np.uint8) for layout in layouts
+    ]
+    variation = Variation.of(binarised)
+    assert variation == Variation(0.0, 0.0) and not variation.any
+    assert np.array_equal(vary(binarised[0], rng, variation), binarised[0])
+
+
+def test_variation_follows_the_drift_and_noise_the_images_show() -> None:
+    rng = np.random.default_rng(0)
+    scene = np.linspace(40, 200, 64)[None, :, None] * np.ones((64, 1, 1))  # smooth: no texture
+
+    def shot(gain: float, noise: float) -> np.ndarray:
+        pixels = scene * gain + rng.normal(0, noise, (64, 64, 3))
+        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+    steady = Variation.of([shot(1.0, 0.5) for _ in range(6)])
+    drifting = Variation.of([shot(g, 1.5) for g in (0.85, 0.95, 1.0, 1.05, 1.15, 0.9)])
+    assert drifting.exposure > 4 * steady.exposure and drifting.noise > steady.noise
+    wild = Variation.of([shot(g, 30.0) for g in (0.3, 1.0, 0.5, 1.2)])
+    assert (wild.exposure, wild.noise) == (MAX_EXPOSURE, MAX_NOISE)  # capped

@@ -11,7 +11,7 @@ import pytest
 from normalcy import Detector
 from normalcy.cli import build_parser
 from normalcy.cli.options import setting_from
-from normalcy.setting import CLI_NAMES, DEFAULT, FIELDS, SETTINGS, Setting, named_setting
+from normalcy.setting import AUTO, CLI_NAMES, DEFAULT, FIELDS, SETTINGS, Setting, named_setting
 
 BAD = {
     "unknown backbone": ({"backbone": "resnet"}, "unknown backbone 'resnet'"),
@@ -86,7 +86,10 @@ def test_cli_options_change_the_named_setting_and_only_those_given() -> None:
     parse = build_parser().parse_args
     args = parse(["fit", "t", "-o", "m", "--setting", "fine-detail", "--closing", "3"])
     assert setting_from(args) == SETTINGS["fine-detail"].replace(closing=3)
-    assert setting_from(parse(["fit", "t", "-o", "m"])) == DEFAULT
+    assert setting_from(parse(["fit", "t", "-o", "m"])) == AUTO  # chosen by the fit
+    assert setting_from(parse(["fit", "t", "-o", "m", "--image-size", "448"])) == DEFAULT.replace(
+        image_size=448
+    )  # an option pins the default setting, changed
     eval_args = parse(["eval", "data", "--method", "gaussian", "--low-variance", "0.1"])
     assert setting_from(eval_args).low_variance_fraction == 0.1
 

@@ -24,6 +24,7 @@ from normalcy.backbones.grids import (
     network_input,
     with_context,
 )
+from normalcy.backbones.memo import ForwardMemo
 from normalcy.backbones.tiles import TILE_MARGIN, stitch, tile_origins, tiled_size
 from normalcy.backbones.weights import WeightsNotFoundError
 
@@ -159,6 +160,8 @@ class Backbone(nn.Module):
         self.context = context
         self.precision = precision
         self.tile_scale = tile_scale
+        # Outputs of inputs seen before, by content (see `memo`); None computes every pass.
+        self.memo: ForwardMemo | None = None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
@@ -208,7 +211,25 @@ class Backbone(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
-        """Feature grids (B, C_l, h_l, w_l) of each layer for a (B, 3, H, W) batch in [0, 1]."""
+        """Feature grids (B, C_l, h_l, w_l) of each layer for a (B, 3, H, W) batch in [0, 1];
+        with a `memo`, inputs it holds are not run again."""
+        if self.memo is None:
+            return self._run(batch)
+        identity = (self.name, self.precision, str(self.device))
+        keys = [(identity, ForwardMemo.digest(item)) for item in batch]
+        layers = sorted(self.layers)
+        found = [[self.memo.get((*key, layer)) for layer in layers] for key in keys]
+        missing = [i for i, outputs in enumerate(found) if any(o is None for o in outputs)]
+        if missing:
+            computed = self._run(batch[missing])
+            for row, i in enumerate(missing):
+                found[i] = [maps[row] for maps in computed]
+                for layer, output in zip(layers, found[i], strict=True):
+                    self.memo.put((*keys[i], layer), output)
+        return [torch.stack([outputs[j] for outputs in found]) for j in range(len(layers))]
+
+    def _run(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """The network's pass: one grid per layer, in float32."""
         bfloat16 = self.precision == "bfloat16"
         normalised = (batch - self.mean) / self.std
         if self.channels_last:

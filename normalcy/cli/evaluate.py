@@ -117,12 +117,20 @@ def run_eval(
             report_images,
             thresholds[0] if thresholds else 0.0,
             metrics=[
-                {k: v for k, v in row.items() if k != "by_defect"} for row in summary["results"]
+                {k: v for k, v in row.items() if k not in ("by_defect", "selection")}
+                for row in summary["results"]
             ],
             breakdown=[
                 {"category": row["category"], "method": row["method"], **defect}
                 for row in summary["results"]
                 for defect in row["by_defect"]
+            ],
+            choices=[
+                {"category": row["category"], **trial, "chosen": trial["name"] == chosen}
+                for row in summary["results"]
+                if row["selection"]
+                for chosen in [row["selection"]["chosen"]]
+                for trial in row["selection"]["trials"]
             ],
         )
     return summary

@@ -31,18 +31,18 @@ DENSE_MAP_HELP = (
 
 def setting_option(parser: Parser) -> None:
     named = "; ".join(
-        f"{name}: {' '.join(v.flags()) or 'the defaults'}" for name, v in SETTINGS.items()
+        f"{name}: {' '.join(v.flags()) if v != DEFAULT else 'the defaults'}"
+        for name, v in SETTINGS.items()
     )
     parser.add_argument(
         "--setting",
-        default="default",
+        default=AUTO,
         choices=[*sorted(SETTINGS), AUTO],
-        help="a named setting (backbone, input size or tiles, layers, method, maps), to which "
-        "the options below make changes: "
-        + named
-        + f"; auto: fit chooses among {', '.join(CANDIDATES)} by how well each finds defects "
-        "planted into normal images it was not fitted on (any option below pins the default "
-        "instead) (default: default)",
+        help=f"auto (the default): fit chooses among {', '.join(CANDIDATES)} by how well each "
+        "finds defects planted into normal images it was not fitted on, and prints why (with "
+        "fewer than 6 images or few-shot, and when any option below is given: the default "
+        "setting, changed by it); or a named setting (backbone, input size or tiles, layers, "
+        "method, maps), to which the options below make changes: " + named,
     )
     parser.add_argument(
         "--max-ms-per-image",
@@ -242,7 +242,7 @@ def setting_from(args: argparse.Namespace, method: str | None = None) -> Setting
     chosen = method or getattr(args, "method", None)
     if chosen is not None:
         changes["method"] = chosen
-    return resolve_setting(getattr(args, "setting", "default"), changes)
+    return resolve_setting(getattr(args, "setting", AUTO), changes)
 
 
 def detector_from(args: argparse.Namespace, method: str | None = None, **extra) -> Detector:

@@ -14,6 +14,7 @@ from normalcy.detector import Detector
 from normalcy.distributed.cluster import PART_IMAGES, connect, in_order, run_parts
 from normalcy.fitting import MIN_IMAGES_FOR_HOLDOUT, held_out_split
 from normalcy.inputs import expand_inputs
+from normalcy.setting import AUTO
 
 
 def _fit_part(params: dict[str, Any], sources: list[str], first: int) -> dict[str, Any]:
@@ -57,21 +58,24 @@ def fit(
     the threshold is then set on the driver from at most 500 of the images, each scored
     against the bank without its own patches, as on one machine. Gaussian: tasks sum the
     moments of their images (all but every 10th), the driver adds the sums (the same
-    statistics) and the held-out images are scored in tasks too.
+    statistics) and the held-out images are scored in tasks too. With setting "auto", the
+    setting is chosen first, here on the driver, from a subsample (`Detector.select_setting`).
     """
+    sources = [str(source) for source in expand_inputs(normal)]
+    if detector.setting == AUTO:  # chosen here, on a subsample; then fitted on Ray
+        detector.select_setting(sources)
     method = detector.active_setting.method
     if method not in ("patchknn", "gaussian") or detector.shots is not None:
         raise ValueError(
             f"a fit on Ray builds full-shot patchknn or gaussian models, not {method!r}"
             + (f" with {detector.shots} shots" if detector.shots is not None else "")
         )
-    sources = [str(source) for source in expand_inputs(normal)]
     if len(sources) < MIN_IMAGES_FOR_HOLDOUT:
         raise ValueError(
             f"a fit on Ray needs at least {MIN_IMAGES_FOR_HOLDOUT} images, got {len(sources)}"
         )
     ray = connect(address)
-    params = {**detector.get_params(), "progress": False}
+    params = {**detector.get_params(), "setting": detector.active_setting, "progress": False}
     bank, held = held_out_split(sources) if method == "gaussian" else (sources, [])
     parts = [
         (params, bank[start : start + part_images], start)
