@@ -23,7 +23,7 @@ from normalcy.methods import METHODS
 from normalcy.methods.fused import KNNGaussianFusion
 from normalcy.prediction import Prediction
 from normalcy.report import ReportImage, report_image, write_report
-from normalcy.selection import planted_set, score_planted, split
+from normalcy.selection import Selection, planted_set, score_planted, split
 from normalcy.visualize import write_atomic
 
 FUSED = KNNGaussianFusion.name
@@ -137,6 +137,10 @@ def run_eval(
 
 
 def print_summary(summary: dict) -> None:
+    for row in summary["results"]:
+        if row["selection"]:
+            choice = Selection.from_json(row["selection"])
+            print(f"{row['category']}: setting {choice.chosen} chosen\n{choice.table()}")
     print(format_table(summary))
     defects = format_defect_table(summary)
     if defects:

@@ -241,6 +241,7 @@ def _nearest_reranked(
     Chunked so each product stays in cache."""
     found = torch.empty(len(queries), device=queries.device)
     allowed = len(bank) if excluded is None else int((~excluded).sum())
+    dropped = None if excluded is None else torch.nonzero(excluded).squeeze(1)
     candidates = min(CANDIDATES, allowed)
     if queries.device.type != "cpu":
         chunk = DEVICE_CHUNK
@@ -249,7 +250,7 @@ def _nearest_reranked(
         ones = torch.ones(len(batch), 1, device=batch.device)
         ranked = torch.cat([batch, ones], dim=1).to(ranking.dtype) @ ranking
         if excluded is not None:
-            ranked[:, excluded] = -torch.inf
+            ranked.index_fill_(1, dropped, -torch.inf)
         nearest = ranked.topk(candidates, dim=1).indices
         found[start : start + chunk] = ((bank[nearest] - batch[:, None]) ** 2).sum(-1).amin(1)
     return found
