@@ -232,7 +232,9 @@ class Detector:
         candidates' backbones share `memo`."""
         if self.setting != AUTO:
             raise ValueError(f"the setting is pinned ({self.setting}), not {AUTO!r}")
-        self.selection_ = self._select(expand_inputs(normal), memo or ForwardMemo())
+        self.selection_ = self._select(
+            expand_inputs(normal), ForwardMemo() if memo is None else memo
+        )
         self.chosen_setting_ = SETTINGS[self.selection_.chosen if self.selection_ else "default"]
         self.backbone_ = None
         return self.chosen_setting_

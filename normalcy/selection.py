@@ -178,7 +178,7 @@ def select_setting(
     within `max_ms_per_image` when given (see the module docstring).
     `make_detector(setting)` gives an unfitted detector in that setting; where their
     backbones share `memo`, it is not read while predict time is measured."""
-    memo = memo or ForwardMemo()
+    memo = ForwardMemo() if memo is None else memo  # an empty memo is falsy
     candidates = {
         name: setting
         for name, setting in (candidates or {n: SETTINGS[n] for n in CANDIDATES}).items()

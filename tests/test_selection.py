@@ -12,6 +12,7 @@ from conftest import FAST_OPTIONS, assert_close
 from PIL import Image
 
 from normalcy import Detector, selection
+from normalcy.backbones.memo import ForwardMemo
 from normalcy.cli import main
 from normalcy.selection import Selection, Trial, choose, select_setting
 from normalcy.setting import SETTINGS, Setting
@@ -155,3 +156,28 @@ def test_eval_planted_measures_a_setting_or_a_model_and_reports_synthetic_defect
 def test_eval_without_data_or_planted_images_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval"]) == 2
     assert "--planted NORMAL_DIR" in capsys.readouterr().err
+
+
+def test_candidates_sharing_a_memo_are_timed_without_reading_it(traces: list[Path]) -> None:
+    class Recording(ForwardMemo):
+        timed = 0
+
+        def writing_only(self):  # noqa: ANN202 - the parent's context manager
+            Recording.timed += 1
+            return super().writing_only()
+
+    memo = Recording()  # empty, as at the start of every choice
+
+    def make(setting: Setting) -> Detector:
+        detector = _make(setting)
+        detector.backbone_model().memo = memo
+        return detector
+
+    same_passes = {"a": TILES, "b": TILES.replace(closing=3)}  # maps differ, passes do not
+    chosen = select_setting(traces, make, same_passes, seed=0, memo=memo)
+    assert Recording.timed == 2 and memo.hits > 0  # b's fit and planted images were read
+    alone = select_setting(traces, _make, {"b": same_passes["b"]}, seed=0)
+    assert_close(
+        [chosen.trials[1].image_auroc, chosen.trials[1].aupro],
+        [alone.trials[0].image_auroc, alone.trials[0].aupro],
+    )
