@@ -52,6 +52,7 @@ DATA_SETS = (
 )
 BOTH = tuple(d.name for d in DATA_SETS)
 SETTINGS = (
+    Shown("auto", "`auto`", BOTH),
     Shown("dinov2-224-full", "`default`", BOTH),
     Shown("lite0-224-tiles2-nocontext-noclosing", "`fine-detail`", ("DeepPCB",)),
     Shown("lite0-224-tiles2-block10", "`fine-detail-outline`", ("DeepPCB",)),
@@ -123,8 +124,11 @@ def results_section(results: Path = RESULTS) -> str:
             decision = "-"
             if mean.get("achieved_fpr") is not None and mean.get("recall") is not None:
                 decision = f"{mean['achieved_fpr']:.3f} / {mean['recall']:.3f}"
+            label = setting.label
+            if first.get("selection"):  # auto: the setting it chose
+                label += f": {first['selection']['chosen']}"
             lines.append(
-                f"| {data_set.name} | {setting.label} | `{setting.row}` | "
+                f"| {data_set.name} | {label} | `{setting.row}` | "
                 f"{_images(first['n_train'], found.train_every)} / "
                 f"{_images(first['n_test'], found.test_every)} | {' | '.join(quality)} | "
                 f"{decision} | {_whole(mean.get('fit_seconds'))} | "

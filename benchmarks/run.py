@@ -79,6 +79,8 @@ def _rows() -> dict[str, list[str]]:
     # cover a defect's extent.
     rows["lite0-224-tiles2-nocontext-noclosing"] = ["--setting", "fine-detail"]
     rows["lite0-224-tiles2-block10"] = ["--setting", "fine-detail-outline"]
+    # No options: fit chooses its setting from the normal images (the default of fit).
+    rows["auto"] = []
     return rows
 
 

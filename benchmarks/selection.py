@@ -12,12 +12,12 @@ two objectives across the candidates, and writes JSON.
 
 from __future__ import annotations
 
-import platform
 import time
 
 import numpy as np
 from common import subsample_arguments, write_json
 from scipy.stats import spearmanr
+from speed import cpu_description
 
 from normalcy import Detector
 from normalcy.backbones.memo import ForwardMemo
@@ -67,7 +67,7 @@ def main() -> None:
     real_objective = [(r["real_image_auroc"] + r["real_aupro"]) / 2 for r in rows]
     summary = {
         "data": str(args.data),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "normal_images": len(normal),
         "test_images": len(tests),
         "selection_seconds": seconds,

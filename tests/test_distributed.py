@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from conftest import FAST_OPTIONS, assert_close
 
-from normalcy import Detector, distributed
+from normalcy import Detector, distributed, selection
 from normalcy.cli import main
 from normalcy.data import ImageLoadError
 from normalcy.methods.mutual import MutualScorer
+from normalcy.setting import SETTINGS, Setting
 
 ray = pytest.importorskip(
     "ray", reason="the ray extra is not installed (pip install 'normalcy[ray]')"
@@ -164,6 +165,26 @@ def test_fit_on_ray_builds_the_bank_and_threshold_of_a_single_machine_fit(local_
     assert_close(spread.threshold_, local.threshold_)
     assert_close(spread.pixel_threshold_, local.pixel_threshold_)
     assert (spread.n_train_, spread.input_size_) == (local.n_train_, local.input_size_)
+
+
+def test_auto_on_ray_chooses_on_the_driver_and_fits_the_choice_on_the_cluster(
+    local_ray, dataset, monkeypatch
+):
+    family = {
+        "tiny-64": Setting(backbone="efficientnet_lite0", image_size=64),
+        "tiny-96": Setting(backbone="efficientnet_lite0", image_size=96),
+    }
+    for name, setting in family.items():
+        monkeypatch.setitem(SETTINGS, name, setting)
+    monkeypatch.setattr(selection, "CANDIDATES", tuple(family))
+    train = dataset / "train" / "good"
+    spread = distributed.fit(Detector(), train, part_images=5, progress=False)
+    chosen = spread.selection_.chosen
+    assert chosen in family and {t.name for t in spread.selection_.trials} == set(family)
+    pinned = Detector(family[chosen]).fit(train)
+    assert spread.active_setting == pinned.active_setting
+    assert_close(spread.method_.memory_bank_, pinned.method_.memory_bank_)
+    assert_close(spread.threshold_, pinned.threshold_)
 
 
 def test_gaussian_fit_on_ray_adds_the_parts_sums(local_ray, dataset):

@@ -177,7 +177,10 @@ def test_candidates_sharing_a_memo_are_timed_without_reading_it(traces: list[Pat
     chosen = select_setting(traces, make, same_passes, seed=0, memo=memo)
     assert Recording.timed == 2 and memo.hits > 0  # b's fit and planted images were read
     alone = select_setting(traces, _make, {"b": same_passes["b"]}, seed=0)
-    assert_close(
+    # Passes read from the memo were computed in other batches, which may change the last
+    # bits of a score: a near-tie may then swap one (normal, planted) pair of the 100.
+    np.testing.assert_allclose(
         [chosen.trials[1].image_auroc, chosen.trials[1].aupro],
         [alone.trials[0].image_auroc, alone.trials[0].aupro],
+        atol=0.01,
     )
