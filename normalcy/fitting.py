@@ -237,16 +237,9 @@ def fit(
 ) -> Detector:
     """Fit `detector` on normal images by the scheme their number and its method allow, then
     set its thresholds (see the module docstring); without `calibrate`, on all of them and
-    with no thresholds (scores and maps only, for comparing settings). Backbone outputs are
-    kept in a bounded memo for the fit, so the threshold's scoring of the fit's own images
-    reuses them."""
-    with ForwardMemo().attached(detector.backbone_model()):
-        return _fit(detector, normal, calibrate)
-
-
-def _fit(
-    detector: Detector, normal: ImageInput | Sequence[ImageInput], calibrate: bool
-) -> Detector:
+    with no thresholds (scores and maps only, for comparing settings). Where the threshold
+    scores the fit's own images again, their backbone outputs are kept in a bounded memo
+    for it."""
     sources = expand_inputs(normal)
     if detector.shots is not None:
         if len(sources) < detector.shots:
@@ -273,10 +266,13 @@ def _fit(
     if not calibrate:
         _fit_from(detector, decoded(detector, sources, "fit"), few_shot)
         return finish(detector, len(sources), [], [], UNCALIBRATED)
+    repeated = ForwardMemo().attached(detector.backbone_model())  # the same images, twice
     if enough and detector.method_.leaves_out:
         readable: list[ImageInput] = []
-        _fit_from(detector, decoded(detector, sources, "fit", readable=readable), few_shot)
-        results, peaks = left_out_results(detector, readable, views_per_image(detector, few_shot))
+        with repeated:
+            _fit_from(detector, decoded(detector, sources, "fit", readable=readable), few_shot)
+            views = views_per_image(detector, few_shot)
+            results, peaks = left_out_results(detector, readable, views)
         scheme = "each scored against the bank without its own patches"
     elif enough and not few_shot:
         bank, held = held_out_split(sources)
@@ -287,8 +283,9 @@ def _fit(
         references = list(decoded(detector, sources, "fit"))
         if not references:
             raise unreadable_error(detector)
-        results, peaks = leave_one_out_results(detector, references, few_shot)
-        detector.method_.fit(bank_grids(detector, references, few_shot))
+        with repeated:
+            results, peaks = leave_one_out_results(detector, references, few_shot)
+            detector.method_.fit(bank_grids(detector, references, few_shot))
         scheme = "each left out of a model of the others"
     return finish(detector, len(sources), results, peaks, scheme)
 
