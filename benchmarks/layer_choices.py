@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from common import subsample_arguments, subsampled, write_json
@@ -25,6 +24,7 @@ from normalcy import Detector
 from normalcy.datasets import load_mask
 from normalcy.inputs import load_many
 from normalcy.methods.coreset import StreamingCoreset
+from normalcy.methods.patchknn import PatchKNN
 from normalcy.metrics import aupro, image_auroc, pixel_auroc
 from normalcy.pipeline import MapSettings
 from normalcy.postprocess import SIGMA_AT_256, ranking_score
@@ -41,14 +41,8 @@ BANKS = {
 
 
 def nearest_distances(bank: np.ndarray, grids: list[np.ndarray]) -> list[np.ndarray]:
-    index = faiss.IndexFlatL2(bank.shape[1])
-    index.add(bank)
-    scores = []
-    for grid in grids:
-        flat = np.ascontiguousarray(grid.reshape(-1, grid.shape[-1]), dtype=np.float32)
-        squared, _ = index.search(flat, 1)
-        scores.append(np.sqrt(np.maximum(squared[:, 0], 0)).reshape(grid.shape[:2]))
-    return scores
+    search = PatchKNN.from_state(PatchKNN().get_params(), {"memory_bank": bank})
+    return [search.score(grid.astype(np.float32)).numpy() for grid in grids]
 
 
 def main() -> int:

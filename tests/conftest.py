@@ -14,7 +14,7 @@ from numpy.typing import ArrayLike
 from normalcy.cli import main
 from normalcy.synthetic import make_demo_dataset
 
-# Set before torch and faiss load. The tests run tiny forward passes, where OpenMP threads only
+# Set before torch loads. The tests run tiny forward passes, where OpenMP threads only
 # add overhead, and on a busy machine spinning threads slow each pass from ~15 ms to ~1 s.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
