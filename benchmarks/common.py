@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from normalcy.datasets import MVTecCategory, find_categories, link_subsample
@@ -20,10 +21,15 @@ ENGINE_SETTINGS = {
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def subsample_arguments(doc: str, json_name: str) -> argparse.Namespace:
+def subsample_arguments(
+    doc: str, json_name: str, more: Callable[[argparse.ArgumentParser], object] | None = None
+) -> argparse.Namespace:
     """The command line of a benchmark over one data set's subsample: the category, every
-    n-th train and test image, and where the JSON goes (default bench-results/`json_name`)."""
+    n-th train and test image, and where the JSON goes (default bench-results/`json_name`);
+    `more` adds the benchmark's own options."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if more is not None:
+        more(parser)
     parser.add_argument("data", type=Path, help="one MVTec-layout category")
     parser.add_argument("--train-every", type=int, default=1)
     parser.add_argument("--test-every", type=int, default=1)

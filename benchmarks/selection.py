@@ -3,11 +3,14 @@ candidate's planted-defect results beside its results on the set's real defects.
 
 Every candidate is fitted once, as `auto` fits it (on part of the normal training images), then
 scored on the planted defects (what `auto` sees) and on every n-th real test image (what it
-cannot see). Prints a table, the rank correlation of planted with real image AUROC and of the
-two objectives across the candidates, and writes JSON.
+cannot see). With `--shots K`, the first K training images are few-shot references: `auto`
+leaves them out in turn, and each candidate's real results are those of its few-shot fit on
+all K. Prints a table, the rank correlation of planted with real image AUROC and of the two
+objectives across the candidates, and writes JSON.
 
     python benchmarks/selection.py ../shared/data/mtd/magnetic_tile --test-every 4
     python benchmarks/selection.py ../shared/data/deeppcb/pcb --test-every 5
+    python benchmarks/selection.py ../shared/data/deeppcb/pcb --shots 4 --test-every 20
 """
 
 from __future__ import annotations
@@ -30,25 +33,34 @@ CANDIDATE_SETTINGS = {name: SETTINGS[name] for name in CANDIDATES}
 
 
 def main() -> None:
-    args = subsample_arguments(__doc__, "selection.json")
+    args = subsample_arguments(
+        __doc__,
+        "selection.json",
+        lambda parser: parser.add_argument("--shots", type=int, help="few-shot references"),
+    )
     category = find_categories(args.data)[0]
-    normal = category.train[:: args.train_every]
+    normal = category.train[:: args.train_every][: args.shots]
     tests = category.test[:: args.test_every]
-    fitted: list[Detector] = []  # in the order of the candidates, as they are made
+    fitted: dict[Setting, Detector] = {}  # each candidate's last fit
     memo = ForwardMemo()  # shared as `auto` shares it
 
-    def make(setting: Setting) -> Detector:
-        fitted.append(Detector(setting))
-        fitted[-1].backbone_model().memo = memo
-        return fitted[-1]
+    def make(setting: Setting, **changes: object) -> Detector:
+        fitted[setting] = Detector(setting, **changes)
+        fitted[setting].backbone_model().memo = memo
+        return fitted[setting]
 
     start = time.perf_counter()
-    chosen = select_setting(normal, make, CANDIDATE_SETTINGS, progress=True, memo=memo)
+    chosen = select_setting(
+        normal, make, CANDIDATE_SETTINGS, progress=True, memo=memo, few_shot=bool(args.shots)
+    )
     seconds = time.perf_counter() - start
-    for detector in fitted:
-        detector.backbone_model().memo = None  # the real test images are scored afresh
     rows = []
-    for trial, detector in zip(chosen.trials, fitted, strict=True):
+    for trial in chosen.trials:
+        setting = CANDIDATE_SETTINGS[trial.name]
+        if args.shots:  # the few-shot model the user would get: on all references
+            make(setting, shots=args.shots).fit(normal, calibrate=False)
+        detector = fitted[setting]
+        detector.backbone_model().memo = None  # the real test images are scored afresh
         predictions = detector.predict([s.path for s in tests])
         labels = [s.label for s in tests]
         maps = [p.anomaly_map for p in predictions]
@@ -69,6 +81,7 @@ def main() -> None:
         "data": str(args.data),
         "cpu": cpu_description(),
         "normal_images": len(normal),
+        "shots": args.shots,
         "test_images": len(tests),
         "selection_seconds": seconds,
         "chosen": chosen.chosen,

@@ -227,9 +227,10 @@ class Detector:
         self, normal: ImageInput | Sequence[ImageInput], memo: ForwardMemo | None = None
     ) -> Setting:
         """With setting "auto", choose the setting from normal images, as `fit` does first:
-        sets `selection_` (None where there is no choice to make: too few images, or
-        few-shot; the default setting is used) and `chosen_setting_`, and returns it. The
-        candidates' backbones share `memo`."""
+        sets `selection_` (None where there is no choice to make: fewer than
+        `selection.MIN_IMAGES` images full-shot; the default setting is used) and
+        `chosen_setting_`, and returns it. Few-shot, the references are left out in turn.
+        The candidates' backbones share `memo`."""
         if self.setting != AUTO:
             raise ValueError(f"the setting is pinned ({self.setting}), not {AUTO!r}")
         self.selection_ = self._select(
@@ -240,17 +241,20 @@ class Detector:
         return self.chosen_setting_
 
     def _select(self, normal: Sequence[ImageInput], memo: ForwardMemo) -> Selection | None:
-        if self.shots is not None or len(normal) < MIN_IMAGES:
+        few_shot = self.shots is not None
+        if few_shot:
+            normal = normal[: self.shots]
+        elif len(normal) < MIN_IMAGES:
             log.info(
-                "too few normal images to choose a setting (at least %d, full-shot): "
-                "fitting the default setting",
+                "too few normal images to choose a full-shot setting (at least %d; few-shot "
+                "chooses from any number): fitting the default setting",
                 MIN_IMAGES,
             )
             return None
         params = {**self.get_params(), "progress": False}
 
-        def make(setting: Setting) -> Detector:
-            detector = Detector(**{**params, "setting": setting})
+        def make(setting: Setting, **changes: Any) -> Detector:
+            detector = Detector(**{**params, **changes, "setting": setting})
             detector.backbone_model().memo = memo
             return detector
 
@@ -262,6 +266,7 @@ class Detector:
             max_ms_per_image=self.max_ms_per_image,
             seed=self.seed,
             progress=self.progress,
+            few_shot=few_shot,
         )
         log.info("setting %s chosen:\n%s", selection.chosen, selection.table())
         return selection

@@ -3,7 +3,9 @@ setting can be measured on a part for which no defect image exists.
 
 Each kind stands for a way parts fail, not for a data set's defect types:
 - copied: structure moved from elsewhere in the same image (CutPaste), as a patch or a thin
-  scar: right-looking texture in the wrong place;
+  scar: right-looking texture in the wrong place; half the patches are blended in seamlessly
+  (Poisson image editing, as NSA does), so that no edge or step of brightness gives them
+  away and only the misplaced structure does;
 - texture: foreign texture blended in under a smooth-noise mask (as DRAEM's Perlin masks):
   contamination, stains with structure;
 - missing: material gone, filled with the blurred surroundings or the image's darkest or
@@ -28,7 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse.linalg import splu
 
 KINDS = ("copied", "texture", "missing", "line", "blotch", "warp")
 SMALLEST = 3  # px: the smallest defect extent planted
@@ -179,8 +182,43 @@ def _copied(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarra
         mask = _thin_line(shape, rng, size)
     shift = tuple(int(rng.integers(size, max(size + 1, side - size))) for side in shape[:2])
     source = np.roll(image, shift, axis=(0, 1))
-    keep = mask[..., None] > 0
-    return np.where(keep, source, image)
+    if rng.random() < 0.5:
+        return seamless_clone(image, source, mask > 0)
+    return np.where(mask[..., None] > 0, source, image)
+
+
+def seamless_clone(target: np.ndarray, source: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """`target` with `source` pasted over `region` (H, W bool) by Poisson image editing
+    (Perez et al. 2003): inside, the source's gradients; at the border, the target's values.
+    The pasted source is corrected by the harmonic function that takes the target's
+    difference from it along the border, solved on the region's pixels only (4-neighbours;
+    the image edge is a free border). Float arrays (H, W, C)."""
+    out = np.array(target, dtype=np.float32)
+    ys, xs = np.nonzero(region)
+    if not len(ys):
+        return out
+    index = np.full(region.shape, -1, dtype=np.int64)
+    index[ys, xs] = np.arange(len(ys))
+    difference = np.asarray(target, dtype=np.float32) - source
+    rows, cols, diagonal = [], [], np.zeros(len(ys))
+    rhs = np.zeros((len(ys), out.shape[2]))
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        ny, nx = ys + dy, xs + dx
+        inside = (ny >= 0) & (ny < region.shape[0]) & (nx >= 0) & (nx < region.shape[1])
+        diagonal += inside
+        k, ny, nx = np.flatnonzero(inside), ny[inside], nx[inside]
+        neighbour = index[ny, nx]
+        inner = neighbour >= 0
+        rows.append(k[inner])
+        cols.append(neighbour[inner])
+        np.add.at(rhs, k[~inner], difference[ny[~inner], nx[~inner]])
+    laplacian = sparse.coo_matrix(
+        (np.full(sum(len(r) for r in rows), -1.0), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(len(ys), len(ys)),
+    ) + sparse.diags(diagonal)
+    correction = splu(laplacian.tocsc()).solve(rhs)
+    out[ys, xs] = source[ys, xs] + correction
+    return out
 
 
 def _texture(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:

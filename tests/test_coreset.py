@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from normalcy.methods.coreset import (
+    FINISH_FACTOR,
     PART_ROWS,
     StreamingCoreset,
     greedy_coreset,
@@ -197,3 +198,20 @@ def test_a_large_chunk_is_reduced_in_parts_each_a_coreset_of_its_rows() -> None:
         part[np.sort(greedy_coreset(part, round(len(part) * 0.1), seed=3))] for part in parts
     ]
     np.testing.assert_array_equal(reduced, np.concatenate(expected))  # rows copied as they are
+
+
+def test_far_more_kept_rows_than_the_bank_holds_are_reduced_in_parts_then_cover_every_cluster() -> (
+    None
+):
+    points, labels = _blobs(40, 600, 16, seed=5)  # 24,000 rows, far over 4 x 50
+    coreset = StreamingCoreset(ratio=1.0, max_size=50)  # keeps every row, as few-shot does
+    for chunk in np.array_split(points, 6):
+        coreset.add(chunk)
+    assert len(points) > FINISH_FACTOR * 50 and len(points) > 2 * PART_ROWS
+    bank = coreset.finish()
+    assert len(bank) == 50
+    nearest = np.linalg.norm(points[:, None] - bank[None], axis=2).argmin(1)
+    covered = {int(labels[np.flatnonzero((points == row).all(1))[0]]) for row in bank}
+    assert covered == set(range(40))  # each cluster has a centre in the bank
+    assert np.linalg.norm(points - bank[nearest], axis=1).max() < 2.0  # within its cluster
+    assert np.array_equal(np.sort(coreset.sources_), coreset.sources_)  # rows stay in order

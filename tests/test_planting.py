@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from normalcy.planting import (
     KINDS,
@@ -14,6 +15,7 @@ from normalcy.planting import (
     Variation,
     defect_size,
     plant,
+    seamless_clone,
     vary,
 )
 
@@ -108,3 +110,35 @@ def test_variation_follows_the_drift_and_noise_the_images_show() -> None:
     assert drifting.exposure > 4 * steady.exposure and drifting.noise > steady.noise
     wild = Variation.of([shot(g, 30.0) for g in (0.3, 1.0, 0.5, 1.2)])
     assert (wild.exposure, wild.noise) == (MAX_EXPOSURE, MAX_NOISE)  # capped
+
+
+def test_a_seamless_paste_keeps_the_source_gradients_and_meets_the_target_at_the_border() -> None:
+    rng = np.random.default_rng(4)
+    target = rng.uniform(0, 255, (40, 50, 3)).astype(np.float32)
+    source = rng.uniform(0, 255, (40, 50, 3)).astype(np.float32)
+    region = np.zeros((40, 50), dtype=bool)
+    region[10:25, 0:20] = True  # touches the image's left edge
+    region[30:33, 30:45] = True  # a second piece
+    out = seamless_clone(target, source, region)
+    np.testing.assert_array_equal(out[~region], target[~region])
+    # What was added to the source is harmonic inside the region: the source's gradients
+    # are kept; at the image edge the border is free (no neighbour), elsewhere the target's.
+    added = np.where(region[..., None], out - source, target - source)
+    laplacian = np.stack([ndimage.laplace(added[..., c], mode="nearest") for c in range(3)], -1)
+    assert np.abs(laplacian[region]).max() < 1e-2
+    # A source that is the target brightened by a constant pastes back as the target itself.
+    np.testing.assert_allclose(seamless_clone(target, target + 30, region), target, atol=1e-3)
+
+
+def test_half_the_copied_patches_are_blended_without_a_step_at_their_border() -> None:
+    image = np.clip(np.linspace(20, 230, 160)[None, :, None] + np.zeros((120, 1, 3)), 0, 255)
+    image = image.astype(np.uint8)  # a brightness ramp: a plain paste leaves a step
+    steps = []
+    for seed in range(12):
+        planted = plant(image, np.random.default_rng(seed), "copied", size=12)
+        border = ndimage.binary_dilation(planted.mask) & ~planted.mask
+        inner = planted.mask & ~ndimage.binary_erosion(planted.mask)
+        if inner.any() and border.any():
+            jump = abs(float(planted.image[inner].mean()) - float(image[border].mean()))
+            steps.append(jump)
+    assert min(steps) < 5 < max(steps)  # blended ones meet their surroundings, pasted ones not

@@ -45,8 +45,8 @@ def _write(folder: Path, make, n: int = 17) -> list[Path]:
     return paths
 
 
-def _make(setting: Setting) -> Detector:
-    return Detector(setting, precision="float32", device="cpu")
+def _make(setting: Setting, **changes: object) -> Detector:
+    return Detector(setting, precision="float32", device="cpu", **changes)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,8 @@ def test_on_one_pixel_traces_the_fine_scale_setting_is_chosen(traces_selection: 
     assert traces_selection.chosen == "tiny-tiles"
     found = {t.name: t for t in traces_selection.trials}
     assert found["tiny-tiles"].objective > found["tiny-whole"].objective + selection.TIE
-    assert traces_selection.planted_images == 2 * traces_selection.held_images == 10
+    assert traces_selection.planted_images == selection.PLANTS_PER_IMAGE * 5
+    assert traces_selection.held_images == 5
     assert traces_selection.fit_images == 12
 
 
@@ -94,6 +95,32 @@ def test_too_few_images_to_choose_is_said(traces: list[Path]) -> None:
         select_setting(traces[:5], _make, FAMILY)
 
 
+def test_few_shot_references_are_left_out_in_turn_and_choose_the_fine_scale(
+    traces: list[Path],
+) -> None:
+    chosen = select_setting(traces[:5], _make, FAMILY, seed=0, few_shot=True)
+    assert chosen.chosen == "tiny-tiles"
+    assert chosen.fit_images == 4  # each fold: a few-shot model of all references but one
+    assert chosen.held_images == selection.FEW_SHOT_FOLDS == 4
+    assert chosen.planted_images == selection.PLANTS_PER_IMAGE * 4
+
+
+def test_a_single_reference_is_judged_on_its_views_fitted_without_augmentation(
+    traces: list[Path],
+) -> None:
+    fits: list[dict[str, object]] = []
+
+    def make(setting: Setting, **changes: object) -> Detector:
+        fits.append(changes)
+        return _make(setting, **changes)
+
+    chosen = select_setting(traces[:1], make, FAMILY, seed=0, few_shot=True)
+    assert chosen.fit_images == 7 and chosen.held_images == 4  # of the 8 views
+    assert fits and all(f == {"augment": False, "shots": 7} for f in fits)
+    assert chosen.chosen in FAMILY
+    assert all(0 <= t.image_auroc <= 1 and t.ms_per_image > 0 for t in chosen.trials)
+
+
 @pytest.fixture
 def tiny_family(monkeypatch: pytest.MonkeyPatch) -> None:
     """`auto` chooses between the two small settings (named in SETTINGS for the test)."""
@@ -121,6 +148,15 @@ def test_a_model_fitted_with_auto_saves_its_choice_and_predicts_as_a_pinned_fit(
     assert_close(loaded.threshold_, pinned.threshold_)
 
 
+def test_a_few_shot_fit_with_auto_chooses_and_is_calibrated_by_leaving_one_out(
+    tiny_family: None, traces: list[Path]
+) -> None:
+    detector = Detector("auto", shots=4, precision="float32", device="cpu").fit(traces)
+    assert detector.selection_ is not None and detector.selection_.fit_images == 3
+    assert detector.active_setting == SETTINGS[detector.selection_.chosen]
+    assert detector.threshold_ is not None and len(detector.normal_scores_) == 4
+
+
 def test_an_explicit_option_pins_the_setting_and_skips_the_choice(
     tiny_family: None, traces: list[Path], tmp_path: Path
 ) -> None:
@@ -139,7 +175,8 @@ def test_eval_planted_measures_a_setting_or_a_model_and_reports_synthetic_defect
     assert main([*argv, "--json", str(results), "--report", str(report)]) == 0
     assert "synthetic, not real defects" in capsys.readouterr().out
     row = json.loads(results.read_text())["planted"]
-    assert (row["fitted_on"], row["normal_images"], row["planted_images"]) == (12, 5, 10)
+    assert (row["fitted_on"], row["normal_images"]) == (12, 5)
+    assert row["planted_images"] == selection.PLANTS_PER_IMAGE * 5
     assert row["setting"]["tile_scale"] == 1.0
     assert 0.5 < row["planted_image_auroc"] <= 1.0 and 0.0 < row["planted_aupro"] <= 1.0
     html = report.read_text()
@@ -150,7 +187,8 @@ def test_eval_planted_measures_a_setting_or_a_model_and_reports_synthetic_defect
         main(["eval", "--planted", str(folder), "--model", str(model), "--json", str(results)]) == 0
     )
     row = json.loads(results.read_text())["planted"]
-    assert (row["fitted_on"], row["normal_images"], row["planted_images"]) == (0, 17, 34)
+    assert (row["fitted_on"], row["normal_images"]) == (0, 17)
+    assert row["planted_images"] == selection.PLANTS_PER_IMAGE * 17
 
 
 def test_eval_without_data_or_planted_images_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
