@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
 import shutil
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from normalcy.cli import main
 from normalcy.synthetic import make_demo_dataset
@@ -246,17 +248,22 @@ def ran(workspace: Path) -> Iterator[dict[str, Outcome]]:
     """Every runnable command and every Python block of the README, run once in README order
     in `workspace` (later ones use what earlier ones wrote, as a reader's would)."""
     outcomes: dict[str, Outcome] = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workspace)
-        for index, block in enumerate(readme_blocks(README.read_text())):
-            if block.language == "python":
-                name = f"README.md python block {index}"
-                outcomes[name] = run_python(block.text, name)
-            elif block.language in SHELL:
-                for argv in command_lines(block.text):
-                    command = " ".join(argv)
-                    if command not in SKIPPED and runnable(command):
-                        outcomes[command] = run_command(argv, workspace)
+    threads = torch.get_num_threads()  # one in the suite (conftest); a reader's shell has all
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(workspace)
+            for index, block in enumerate(readme_blocks(README.read_text())):
+                if block.language == "python":
+                    name = f"README.md python block {index}"
+                    outcomes[name] = run_python(block.text, name)
+                elif block.language in SHELL:
+                    for argv in command_lines(block.text):
+                        command = " ".join(argv)
+                        if command not in SKIPPED and runnable(command):
+                            outcomes[command] = run_command(argv, workspace)
+    finally:
+        torch.set_num_threads(threads)
     for name, outcome in outcomes.items():
         print(f"{outcome.seconds:6.1f} s  {name}")
     yield outcomes
