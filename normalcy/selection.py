@@ -326,13 +326,11 @@ def _trial(
             held = list(fold.held)
             with memo.writing_only():
                 if not warm and (len(held) > 1 or len(folds) > 1):  # unless it is all there is
-                    predictions[held[0]] = next(detector.predict_iter([held_inputs[held[0]]]))
+                    _predict_into(predictions, held[:1], detector, held_inputs)
                     held = held[1:]
                 warm = True
                 start = time.perf_counter()
-                found = detector.predict_iter([held_inputs[i] for i in held])
-                for i, prediction in zip(held, found, strict=True):
-                    predictions[i] = prediction
+                _predict_into(predictions, held, detector, held_inputs)
                 timed_seconds += time.perf_counter() - start
                 timed_images += len(held)
             changed = [
@@ -340,12 +338,19 @@ def _trial(
                 for k, source in enumerate(planted.sources)
                 if source in fold.held and planted.kinds[k] != "normal"
             ]
-            found = detector.predict_iter([planted.images[k] for k in changed])
-            for k, prediction in zip(changed, found, strict=True):
-                predictions[k] = prediction
+            _predict_into(predictions, changed, detector, planted.images)
         auroc, region_overlap = planted_metrics(planted, predictions)
     ms = 1000 * timed_seconds / max(1, timed_images)
     return Trial(name, auroc, region_overlap, ms, fit_seconds / len(folds), True)
+
+
+def _predict_into(
+    predictions: list[Any], at: Sequence[int], detector: Any, images: Sequence[Any]
+) -> None:
+    """Predict `images[i]` for each i in `at` and store it at `predictions[i]`."""
+    found = detector.predict_iter([images[i] for i in at])
+    for i, prediction in zip(at, found, strict=True):
+        predictions[i] = prediction
 
 
 @contextlib.contextmanager
